@@ -1,0 +1,1 @@
+"""The throughput suite behind `meld-dali bench` (imported as meld_dali.bench)."""

@@ -1,0 +1,112 @@
+"""Atomic checkpoints (temp file + fsync + rename) and finding the one to resume from.
+
+`last.pt` is replaced atomically; the one it replaces is kept as `last.prev.pt`, so a
+checkpoint spoilt after the fact (disk trouble, a manual copy gone wrong) still leaves a
+complete one to resume from. A kill during a write leaves only a `*.tmp` behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meld_dali.errors import UserError
+
+FORMAT = "meld-dali-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load and validate a checkpoint; a truncated or foreign file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a broken file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'truncated?'})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a meld-dali checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise UserError(f"{path}: checkpoint format v{ckpt.get('version')}, this meld-dali "
+                        f"reads v{VERSION}")
+    return ckpt
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    ck = Path(run_dir) / "checkpoints"
+    return [p for p in (ck / "last.pt", ck / "last.prev.pt") if p.exists()]
+
+
+def find_resume(run_dir: str | Path, log=None) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint of a run folder (None for a fresh run)."""
+    for p in resume_candidates(run_dir):
+        try:
+            return p, load_checkpoint(p)
+        except UserError as e:
+            if log:
+                log(f"skipping unusable checkpoint: {e}")
+    return None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Config keys that may change between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = ("train.epochs", "train.device", "train.checkpoint_every_steps",
+                     "train.keep_last", "train.max_steps_per_epoch", "loader.", "tracking.",
+                     "hub.", "data.root", "model.pretrained", "model.cache_dir")
+
+
+def config_mismatch(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ in a way that makes resuming meaningless."""
+    out = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if any(name == k or (k.endswith(".") and name.startswith(k))
+                   for k in RESUMABLE_CHANGES):
+                continue
+            old = saved.get(section, {}).get(key, value)
+            if old != value and not (isinstance(value, dict) and
+                                     {str(k): v for k, v in old.items()} ==
+                                     {str(k): v for k, v in value.items()}):
+                out.append(f"{name} ({old!r} -> {value!r})")
+    return out

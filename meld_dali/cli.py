@@ -1,0 +1,185 @@
+"""`meld-dali` command line (typer + rich). Exit 0 ok, 1 user error (one line), 2 bad usage.
+
+Only argument parsing and printing live here; the work is in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from meld_dali.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="GPU-fed (NVIDIA DALI) SlowFast training for video emotion recognition "
+                       "on MELD.")
+bench_app = typer.Typer(no_args_is_help=True, help="Throughput benchmarks.")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+out = Console()
+
+
+class Codec(str, Enum):
+    h264 = "h264"
+    vp9 = "vp9"
+    mjpeg = "mjpeg"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    dali_gpu = "dali-gpu"
+    dali_cpu = "dali-cpu"
+    torch = "torch"
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def not_implemented(what: str) -> None:
+    raise UserError(f"`meld-dali {what}` is not implemented yet")
+
+
+@app.command()
+def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset into"),
+          clips: int = typer.Option(300, help="labelled clips over all splits"),
+          codec: Codec = typer.Option(Codec.h264, help="video codec"),
+          size: str = typer.Option("64x48", help="frame size WxH (even numbers)"),
+          seed: int = typer.Option(0, help="random seed (same seed, same dataset)"),
+          faults: bool = typer.Option(False, "--faults", help="add MELD's kinds of defects")):
+    """Write a synthetic dataset in MELD's raw layout."""
+    from meld_dali.synth import SynthSpec
+    from meld_dali.synth import synth as make
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {size!r}: expected WxH, e.g. 64x48") from None
+    if w % 2 or h % 2 or w < 16 or h < 16:
+        raise UserError(f"--size {size}: width and height must be even and at least 16")
+    if clips < 21:
+        raise UserError(f"--clips {clips}: need at least 21 (every class in every split)")
+    with progress() as p:
+        info = make(out_dir, SynthSpec(clips=clips, codec=codec.value, width=w, height=h,
+                                       seed=seed, faults=faults), progress=p)
+    n = {s: sum(c.values()) for s, c in info["splits"].items()}
+    console.print(f"wrote {sum(n.values())} clips ({n}) to {out_dir}"
+                  + (f"; faults: {', '.join(info['faults'])}" if faults else ""))
+
+
+@app.command("prepare")
+def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpacked)"),
+                out_dir: Path = typer.Option(None, "--out", help="manifest folder (default ROOT)"),
+                frames: Path = typer.Option(None, help="extract JPEG frame folders here"),
+                short_side: int = typer.Option(256, help="frame folders: shorter side in px"),
+                workers: int = typer.Option(2, help="parallel probe/extract processes")):
+    """Probe every labelled clip and write the manifest (and optionally frame folders)."""
+    from meld_dali.manifest import prepare
+    from meld_dali.report import print_report
+
+    with progress() as p:
+        _, report = prepare(root, out_dir, frames, short_side, workers, progress=p)
+    print_report(report, out)
+
+
+@app.command()
+def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed, demo)"),
+          data: Path = typer.Option(None, help="prepared MELD root or manifest"),
+          demo: bool = typer.Option(False, "--demo", help="small recipe on synthetic data"),
+          set_: list[str] = typer.Option([], "--set", help="override: section.key=value"),
+          resume: str = typer.Option(None, help="auto (latest in --out) or a checkpoint path"),
+          out_dir: Path = typer.Option(None, "--out", help="run folder (default runs/<time>)"),
+          backend: Backend = typer.Option(None, help="loader backend (overrides config)")):
+    """Train SlowFast R50 on MELD (or, with --demo, on synthetic data)."""
+    from meld_dali.config import load_config
+    from meld_dali.launch import run_training
+
+    overrides = list(set_)
+    if backend is not None:
+        overrides.append(f"loader.backend={backend.value}")
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    cfg = load_config(config if config else ("demo" if demo else None), overrides)
+    if demo and not cfg.data.root:
+        cfg.data.root = str(demo_data(Path("runs") / "demo-data"))
+    run_dir = out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = run_training(cfg, run_dir, resume=resume, console=console)
+    if result["interrupted"]:
+        raise typer.Exit(0)
+    console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
+                  f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
+
+
+def demo_data(root: Path) -> Path:
+    """Synthesize (once) and prepare the demo dataset."""
+    from meld_dali.launch import open_manifest
+    from meld_dali.synth import SynthSpec
+    from meld_dali.synth import synth as make
+
+    if not (root / "synth.json").exists():
+        console.print(f"[bold]demo: synthesizing a small MELD-shaped dataset in {root}")
+        with progress() as p:
+            make(root, SynthSpec(clips=400, seed=0), progress=p)
+    open_manifest(root, console)
+    return root
+
+
+@app.command()
+def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
+             data: Path = typer.Option(None, help="prepared MELD root or manifest"),
+             split: str = typer.Option("dev", help="dev or test"),
+             json_out: Path = typer.Option(None, "--json", help="write results as JSON")):
+    """Score a checkpoint on a split."""
+    not_implemented("evaluate")
+
+
+@app.command()
+def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
+            videos: list[Path] = typer.Argument(..., help="video files"),
+            as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
+    """Predict the emotion of video files."""
+    not_implemented("predict")
+
+
+@bench_app.command("loader")
+def bench_loader(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
+                 backends: str = typer.Option("dali-gpu,dali-cpu,torch", help="comma list"),
+                 batches: int = typer.Option(20, help="timed batches per repeat"),
+                 json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
+                 plot: Path = typer.Option(None, help="write a bar chart PNG")):
+    """Loader throughput per backend on the same manifest."""
+    not_implemented("bench loader")
+
+
+@bench_app.command("train")
+def bench_train(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
+                backends: str = typer.Option("synthetic,dali-gpu,dali-cpu,torch"),
+                steps: int = typer.Option(10, help="timed steps"),
+                json_out: Path = typer.Option(None, "--json", help="write results as JSON")):
+    """Trainer step throughput and data-wait share per loader."""
+    not_implemented("bench train")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    for noisy in ("wandb", "urllib3", "matplotlib", "PIL", "fsspec", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

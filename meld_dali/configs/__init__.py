@@ -1,0 +1,1 @@
+"""Built-in recipes: `seed` (the full MELD recipe) and `demo` (small, CPU-friendly)."""

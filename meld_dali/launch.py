@@ -1,0 +1,146 @@
+"""Assembling a training run from a resolved Config: data, loaders, model, trainer, state.
+
+The CLI parses arguments and calls `run_training`; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from meld_dali import checkpoint as ckpt_io
+from meld_dali.config import Config, dump_config
+from meld_dali.data import LoaderSpec, build_loader, resolve_backend, use_frames
+from meld_dali.errors import UserError
+from meld_dali.manifest import MANIFEST_NAME, Manifest, prepare
+from meld_dali.model import build_model
+from meld_dali.tracking import build_tracker
+from meld_dali.trainer import Dist, Trainer
+
+log = logging.getLogger("meld_dali.launch")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is visible")
+    return dev
+
+
+def flag(value: str, device: torch.device) -> bool:
+    """'auto' flags are on with CUDA, off on CPU."""
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
+def video_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.loader.dtype != "auto":
+        return getattr(torch, cfg.loader.dtype)
+    if device.type != "cuda" or cfg.train.amp == "off":
+        return torch.float32
+    return torch.float16 if cfg.train.amp == "fp16" else torch.bfloat16
+
+
+def open_manifest(root: str | Path, console=None, workers: int = 2) -> Manifest:
+    """The manifest of a dataset root (or file); prepares a raw MELD root on first use."""
+    p = Path(root)
+    if p.is_file() or (p / MANIFEST_NAME).exists():
+        return Manifest.load(p)
+    if not p.exists():
+        raise UserError(f"data folder not found: {p}")
+    if console:
+        console.print(f"[bold]no manifest in {p}: running `meld-dali prepare {p}` first")
+    manifest, _ = prepare(p, workers=workers)
+    return manifest
+
+
+def dist_from_env() -> Dist:
+    return Dist(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: Dist):
+    frames = use_frames(manifest, cfg.data.source)
+    backend = resolve_backend(cfg.loader.backend, manifest, cfg.data.train_split, frames)
+    common = dict(manifest=manifest, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                  device=device, dtype=video_dtype(cfg, device),
+                  channels_last=flag(cfg.loader.channels_last, device), rank=dist.rank,
+                  world=dist.world, use_frames=frames)
+    train = build_loader(LoaderSpec(split=cfg.data.train_split, train=True, **common),
+                         cfg.data, cfg.loader, backend)
+    evl = build_loader(LoaderSpec(split=cfg.data.eval_split, train=False, **common),
+                       cfg.data, cfg.loader, backend)
+    return backend, train, evl
+
+
+def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
+                 dist: Dist | None = None) -> dict:
+    """Train per `cfg` into `run_dir`; `resume` is None, 'auto' or a checkpoint path."""
+    run_dir = Path(run_dir)
+    dist = dist or dist_from_env()
+    state = None
+    if resume == "auto":
+        found = ckpt_io.find_resume(run_dir, log=console.print if console else log.warning)
+        if found:
+            path, state = found
+            if console:
+                console.print(f"resuming from {path} (epoch {state['epoch']}, step "
+                              f"{state['step']})")
+    elif resume:
+        state = ckpt_io.load_checkpoint(resume)
+    elif (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, "
+                        "or choose another --out")
+    if state is not None:
+        diff = ckpt_io.config_mismatch(state["config"], cfg.to_dict())
+        if diff:
+            raise UserError(f"checkpoint was trained with another config: {'; '.join(diff)}")
+    if not cfg.data.root:
+        raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
+
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
+    manifest = open_manifest(cfg.data.root, console, cfg.loader.workers)
+    backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
+    counts = manifest.class_counts(cfg.data.train_split)
+    if sum(counts) == 0:
+        raise UserError(f"{manifest.path}: no loadable clips in split "
+                        f"'{cfg.data.train_split}'")
+
+    model = build_model(cfg.model).to(device)
+    if flag(cfg.loader.channels_last, device):
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if flag(cfg.train.compile, device):
+        net = torch.compile(net)  # the checkpoint always holds the uncompiled `model`
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        dump_config(cfg, run_dir / "config.yaml")
+    tracker = build_tracker(cfg.tracking, run_dir, cfg.to_dict(),
+                            state.get("tracker_run_id") if state else None, enabled=dist.main)
+    trainer = Trainer(cfg, run_dir, model, train_loader, eval_loader, counts, device,
+                      compiled=net, tracker=tracker, dist=dist, console=console,
+                      clip_ids=[c["clip_id"] for c in manifest.clips])
+    if state is not None:
+        trainer.load_state_dict(state)
+    if console and dist.main:
+        console.print(f"run {run_dir}: backend {backend}, device {device}, "
+                      f"{train_loader.num_clips} train / {eval_loader.num_clips} "
+                      f"{cfg.data.eval_split} clips, {cfg.train.epochs} epochs")
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train()
+    finally:
+        tracker.finish()
+    result["seconds"] = time.perf_counter() - t0
+    result["run_dir"] = str(run_dir)
+    result["backend"] = backend
+    return result

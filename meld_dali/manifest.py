@@ -1,0 +1,332 @@
+"""The manifest (`meld-dali prepare`): one row per labelled clip, probed from the file.
+
+It is the extraction checkpoint: each probed clip is appended to `manifest.partial.jsonl`
+as it finishes (an interrupted prepare resumes without re-probing), the final
+`manifest.json` is written atomically (temp + rename) and reused while the inputs are
+unchanged. Statuses: ok, missing, unreadable, empty. Loaders read only `ok` rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from meld_dali.config import EMOTIONS
+from meld_dali.errors import UserError
+from meld_dali.meld import SPLITS, clip_path, find_sources, read_csv, unlabelled_files
+
+MANIFEST_NAME = "manifest.json"
+PARTIAL_NAME = "manifest.partial.jsonl"
+REPORT_NAME = "prepare_report.json"
+VERSION = 1
+STATUSES = ("ok", "missing", "unreadable", "empty")
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+def probe(path: str) -> dict[str, Any]:
+    """Frame count, fps, size, codec and pixel format of one clip; never raises.
+
+    The frame count is the number of video packets demuxed (one per frame for MELD's
+    codecs); where the container's own count disagrees, frames are decoded and counted.
+    The first frame is always decoded, so a file that cannot be decoded is `unreadable`.
+    """
+    p = Path(path)
+    if not p.exists():
+        return {"status": "missing", "reason": "file not found"}
+    try:
+        with av.open(str(p)) as c:
+            if not c.streams.video:
+                return {"status": "empty", "reason": "no video stream"}
+            s = c.streams.video[0]
+            info = {"fps": float(s.average_rate or s.guessed_rate or 0) or None,
+                    "width": s.codec_context.width, "height": s.codec_context.height,
+                    "codec": s.codec_context.name, "pix_fmt": s.codec_context.pix_fmt}
+            claimed = int(s.frames or 0)
+            packets = 0
+            first_ok = False
+            for packet in c.demux(s):
+                if packet.size == 0:
+                    continue
+                packets += 1
+                if not first_ok:
+                    first_ok = any(True for _ in packet.decode())
+            if not first_ok and packets:
+                # a decoder may hold frames back until flushed
+                first_ok = any(True for _ in s.codec_context.decode(None))
+        n = packets
+        if claimed and claimed != packets:
+            n = count_decoded(str(p))
+        if packets == 0:
+            return {**info, "status": "empty", "num_frames": 0, "reason": "no video frames"}
+        if not first_ok:
+            return {**info, "status": "unreadable", "num_frames": 0,
+                    "reason": "no frame could be decoded"}
+        return {**info, "status": "ok", "num_frames": n, "reason": ""}
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+        return {"status": "unreadable", "reason": f"{type(e).__name__}: {e}"}
+
+
+def count_decoded(path: str) -> int:
+    with av.open(path) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def extract_frames(video: str, dest: str, short_side: int) -> int:
+    """Decode every frame, resize the shorter side to `short_side`, save JPEGs
+    `000000.jpg ...` into `dest`. Written to `dest.tmp` and renamed: a folder that exists
+    is complete. Returns the number of frames written."""
+    d = Path(dest)
+    if d.is_dir():
+        return len(list(d.glob("*.jpg")))
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = 0
+    with av.open(video) as c:
+        for frame in c.decode(video=0):
+            img = frame.to_image()
+            w, h = img.size
+            scale = short_side / min(w, h)
+            if scale != 1:
+                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                 resample=3)  # bicubic
+            img.save(tmp / f"{n:06d}.jpg", quality=90)
+            n += 1
+    os.replace(tmp, d)
+    return n
+
+
+def _probe_job(args: tuple[int, str]) -> tuple[int, dict]:
+    key, path = args
+    return key, probe(path)
+
+
+def _extract_job(args: tuple[int, str, str, int]) -> tuple[int, int, str]:
+    key, video, dest, short_side = args
+    try:
+        return key, extract_frames(video, dest, short_side), ""
+    except Exception as e:  # noqa: BLE001 - a bad clip is reported, never fatal
+        return key, 0, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    path: Path  # manifest.json
+    clips: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    @property
+    def has_frames(self) -> bool:
+        return bool(self.meta.get("frames_dir"))
+
+    def video_path(self, clip: dict) -> Path:
+        return (self.base / clip["path"]).resolve()
+
+    def frames_path(self, clip: dict) -> Path | None:
+        if not clip.get("frames"):
+            return None
+        return (self.base / self.meta["frames_dir"] / clip["split"] / clip["clip_id"]).resolve()
+
+    def ok(self, split: str) -> list[int]:
+        """Row indices of loadable clips of a split (row index = Batch.index)."""
+        return [i for i, c in enumerate(self.clips)
+                if c["split"] == split and c["status"] == "ok" and c["num_frames"] > 0]
+
+    def labels(self, rows: list[int]) -> np.ndarray:
+        return np.array([self.clips[i]["label"] for i in rows], dtype=np.int64)
+
+    def class_counts(self, split: str) -> list[int]:
+        counts = np.bincount(self.labels(self.ok(split)), minlength=len(EMOTIONS))
+        return counts.tolist()
+
+    @classmethod
+    def load(cls, where: str | Path) -> Manifest:
+        """Load from a manifest file, or a folder holding one (a prepared dataset root)."""
+        p = Path(where)
+        if p.is_dir():
+            p = p / MANIFEST_NAME
+        if not p.exists():
+            raise UserError(f"no manifest at {p}: run `meld-dali prepare {Path(where)}` first")
+        try:
+            data = json.loads(p.read_text())
+            return cls(p, data["clips"], data["meta"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{p}: not a meld-dali manifest ({e}); delete it and re-run "
+                            "`meld-dali prepare`") from None
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(sources, paths: list[Path | None], frames: str | None, short_side: int) -> str:
+    """Changes when a CSV, a clip file (size/mtime) or the extraction settings change."""
+    h = hashlib.sha256(f"v{VERSION}|{frames}|{short_side}".encode())
+    for src in sources.values():
+        h.update(src.csv.read_bytes())
+    for p in paths:
+        try:
+            st = p.stat() if p else None
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode() if st else f"{p}|-".encode())
+        except OSError:
+            h.update(f"{p}|-".encode())
+    return h.hexdigest()
+
+
+def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path | None = None,
+            short_side: int = 256, workers: int = 2, progress=None) -> tuple[Manifest, dict]:
+    """Build (or reuse, or resume) the manifest for a MELD root. Returns (manifest, report)."""
+    root = Path(root)
+    out_dir = Path(out) if out else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = find_sources(root)
+    rows, bad_rows, unlabelled = [], [], []
+    for split, src in sources.items():
+        parsed = read_csv(src.csv, split)
+        rows += [(r, clip_path(src, r)) for r in parsed.rows]
+        bad_rows += [{"split": split, "csv": str(src.csv), "line": ln, "reason": why}
+                     for ln, why in parsed.bad_rows]
+        unlabelled += [str(p) for p in unlabelled_files(src, parsed.rows)]
+    frames_dir = Path(frames).resolve() if frames else None
+    fp = _fingerprint(sources, [p for _, p in rows], str(frames_dir), short_side)
+
+    mpath = out_dir / MANIFEST_NAME
+    if mpath.exists():
+        try:
+            m = Manifest.load(mpath)
+            if m.meta.get("fingerprint") == fp:
+                report = json.loads((out_dir / REPORT_NAME).read_text())
+                report["reused"] = True
+                return m, report
+        except (UserError, OSError, json.JSONDecodeError):
+            pass  # unreadable or stale: rebuild
+
+    # resume: results of a previous interrupted run with the same inputs
+    partial = out_dir / PARTIAL_NAME
+    done: dict[str, dict] = {}
+    if partial.exists():
+        lines = partial.read_text().splitlines()
+        if lines and json.loads(lines[0]).get("fingerprint") == fp:
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                    done[rec["key"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    break  # a torn last line from a kill: re-probe from there
+        else:
+            partial.unlink()
+    if not partial.exists():
+        partial.write_text(json.dumps({"fingerprint": fp}) + "\n")
+
+    def key(row) -> str:
+        return f"{row.split}/{row.clip_id}"
+
+    todo = [(i, str(p) if p else "") for i, (r, p) in enumerate(rows) if key(r) not in done]
+    resumed = len(rows) - len(todo)
+    with open(partial, "a") as log:
+        for i, result in _run_parallel(_probe_job, todo, workers, progress, "probe clips"):
+            rec = {"key": key(rows[i][0]), **result}
+            done[rec["key"]] = rec
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    clips = []
+    for r, p in rows:
+        rec = done[key(r)]
+        rel = os.path.relpath(p, out_dir) if p else ""
+        clips.append({"clip_id": r.clip_id, "split": r.split, "emotion": r.emotion,
+                      "label": EMOTIONS.index(r.emotion), "path": rel,
+                      "num_frames": int(rec.get("num_frames", 0) or 0),
+                      "fps": rec.get("fps"), "width": rec.get("width"),
+                      "height": rec.get("height"), "codec": rec.get("codec"),
+                      "pix_fmt": rec.get("pix_fmt"), "status": rec["status"],
+                      "reason": rec.get("reason", ""), "frames": False,
+                      "csv_seconds": (r.end_s - r.start_s) if r.start_s is not None
+                      and r.end_s is not None else None})
+
+    meta = {"version": VERSION, "fingerprint": fp, "root": os.path.relpath(root, out_dir),
+            "frames_dir": os.path.relpath(frames_dir, out_dir) if frames_dir else "",
+            "short_side": short_side, "emotions": list(EMOTIONS)}
+    if frames_dir:
+        jobs = [(i, str(out_dir / c["path"]), str(frames_dir / c["split"] / c["clip_id"]),
+                 short_side) for i, c in enumerate(clips) if c["status"] == "ok"]
+        for i, (n, err) in _run_parallel(_extract_job, jobs, workers, progress,
+                                         "extract frames"):
+            c = clips[i]
+            if err or n == 0:
+                c.update(status="unreadable",
+                         reason=f"frame extraction failed: {err or 'no frames'}")
+            else:
+                # the decoder's own count is the truth for the frame folder
+                c.update(frames=True, num_frames=n)
+
+    m = Manifest(mpath, clips, meta)
+    report = build_report(m, bad_rows, unlabelled)
+    report["resumed_probes"] = resumed
+    _atomic_write_json(out_dir / REPORT_NAME, report)
+    _atomic_write_json(mpath, {"meta": meta, "clips": clips})
+    partial.unlink(missing_ok=True)
+    report["reused"] = False
+    return m, report
+
+
+def _run_parallel(fn, jobs: list, workers: int, progress, label: str):
+    """Yield (key, result) for each job, in a process pool when workers > 1."""
+    task = progress.add_task(label, total=len(jobs)) if progress and jobs else None
+    if workers <= 1 or len(jobs) < 8:
+        results = map(fn, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(fn, jobs, chunksize=4)
+    try:
+        for key, *rest in results:
+            if task is not None:
+                progress.advance(task)
+            yield key, rest[0] if len(rest) == 1 else tuple(rest)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+def build_report(m: Manifest, bad_rows: list[dict], unlabelled: list[str]) -> dict:
+    counts: dict[str, dict] = {}
+    for split in SPLITS:
+        in_split = [c for c in m.clips if c["split"] == split]
+        if not in_split:
+            continue
+        status = Counter(c["status"] for c in in_split)
+        ok = Counter(c["emotion"] for c in in_split if c["status"] == "ok")
+        counts[split] = {"rows": len(in_split), **{s: status.get(s, 0) for s in STATUSES},
+                         "ok_per_class": {e: ok.get(e, 0) for e in EMOTIONS},
+                         "short_clips": sum(1 for c in in_split if c["status"] == "ok"
+                                            and c["num_frames"] < 32)}
+    problems = [{"split": c["split"], "clip": c["clip_id"], "path": str(m.base / c["path"]),
+                 "status": c["status"], "reason": c["reason"]}
+                for c in m.clips if c["status"] != "ok"]
+    return {"manifest": str(m.path), "splits": counts, "problems": problems,
+            "bad_rows": bad_rows, "unlabelled_files": unlabelled}

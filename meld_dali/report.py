@@ -1,0 +1,36 @@
+"""Printing `prepare`'s report with rich."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from meld_dali.config import EMOTIONS
+from meld_dali.manifest import STATUSES
+
+
+def print_report(report: dict, console: Console) -> None:
+    if report.get("reused"):
+        console.print(f"manifest up to date (inputs unchanged): {report['manifest']}")
+    t = Table(title="MELD manifest: usable clips per split and class")
+    t.add_column("split")
+    for e in EMOTIONS:
+        t.add_column(e, justify="right")
+    for s in STATUSES:
+        t.add_column(s, justify="right")
+    t.add_column("< 32 frames", justify="right")
+    for split, c in report["splits"].items():
+        t.add_row(split, *[str(c["ok_per_class"][e]) for e in EMOTIONS],
+                  *[str(c[s]) for s in STATUSES], str(c["short_clips"]))
+    console.print(t)
+    for p in report["problems"]:
+        console.print(f"[yellow]{p['status']}[/yellow] {p['split']} {p['clip']}: {p['path']} "
+                      f"({p['reason']})", highlight=False, soft_wrap=True)
+    for b in report["bad_rows"]:
+        console.print(f"[yellow]bad row[/yellow] {b['csv']} line {b['line']}: {b['reason']}",
+                      highlight=False, soft_wrap=True)
+    if report["unlabelled_files"]:
+        n = len(report["unlabelled_files"])
+        console.print(f"ignored {n} video file(s) with no CSV row, e.g. "
+                      f"{report['unlabelled_files'][0]}", highlight=False, soft_wrap=True)
+    console.print(f"manifest: {report['manifest']}", highlight=False, soft_wrap=True)

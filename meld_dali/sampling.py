@@ -1,0 +1,51 @@
+"""The sampling spec: which frames of a clip are decoded. One pure function for every backend.
+
+- n >= T: split [0, n) into T equal segments; train draws a random index in each segment,
+  eval takes each segment's middle. Indices come out sorted, so decoding streams forward.
+- 0 < n < T: frames 0..n-1, then T-n padded slots (index -1, mask False).
+- n == 0: not loadable (manifest status `empty`); asking for it is a bug.
+The random source is seeded from (seed, epoch, clip), so a resumed run and every backend
+choose the same indices for the same clip in the same epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD = -1
+
+
+def clip_rng(seed: int, epoch: int, clip: int, stream: int = 0) -> np.random.Generator:
+    """Independent random stream per (seed, epoch, clip); `stream` separates uses
+    (0 = frame indices, 1 = augmentation parameters)."""
+    return np.random.default_rng([seed, epoch, clip, stream])
+
+
+def sample_indices(n: int, num_frames: int, *, train: bool,
+                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (indices int64 [T], mask bool [T]); padded slots have index PAD and mask False."""
+    T = num_frames
+    if n <= 0:
+        raise ValueError(f"clip has {n} frames: empty clips never reach a loader")
+    if T <= 0:
+        raise ValueError(f"num_frames must be positive, got {T}")
+    if n < T:
+        idx = np.full(T, PAD, dtype=np.int64)
+        idx[:n] = np.arange(n)
+        return idx, idx >= 0
+    bounds = (np.arange(T + 1) * n) // T  # segment i is [bounds[i], bounds[i+1]), never empty
+    start, end = bounds[:-1], bounds[1:]
+    if train:
+        if rng is None:
+            raise ValueError("train sampling needs an rng (use clip_rng(seed, epoch, clip))")
+        idx = start + (rng.random(T) * (end - start)).astype(np.int64)
+    else:
+        idx = start + (end - start) // 2
+    return idx.astype(np.int64), np.ones(T, dtype=bool)
+
+
+def clip_indices(n: int, num_frames: int, *, train: bool, seed: int, epoch: int,
+                 clip: int) -> tuple[np.ndarray, np.ndarray]:
+    """The spec as every backend calls it: seeded from (seed, epoch, clip)."""
+    rng = clip_rng(seed, epoch, clip, 0) if train else None
+    return sample_indices(n, num_frames, train=train, rng=rng)

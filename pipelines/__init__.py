@@ -1,0 +1,1 @@
+"""DALI pipeline graphs (imported as meld_dali.pipelines; needs nvidia-dali)."""
