@@ -317,3 +317,52 @@ def build_loader(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, backend:
     from meld_dali.pipelines.loader import DaliLoader  # lazy: DALI is optional
 
     return DaliLoader(spec, data, cfg, device=backend.split("-")[1])
+
+
+class SyntheticLoader:
+    """In-memory batches with no decoding at all: times the model without the loader
+    (bench train) and gives tests exact, repeatable batches. Same interface as the others."""
+
+    backend = "synthetic"
+
+    def __init__(self, video: torch.Tensor, mask: torch.Tensor, label: torch.Tensor,
+                 batch_size: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, channels_last: bool = False):
+        self.video, self.mask, self.label = video, mask, label
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.channels_last = channels_last
+        self.epoch, self.consumed = 0, 0
+        self.failures: list[ClipFailure] = []
+
+    @classmethod
+    def random(cls, n: int, num_frames: int, size: int, batch_size: int, seed: int = 0, **kw):
+        g = torch.Generator().manual_seed(seed)
+        video = torch.randn(n, 3, num_frames, size, size, generator=g)
+        mask = torch.ones(n, num_frames, dtype=torch.bool)
+        return cls(video, mask, torch.randint(0, 7, (n,), generator=g), batch_size, **kw)
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.label)
+
+    def __len__(self) -> int:
+        return -(-self.num_clips // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.consumed < self.num_clips:
+            s = slice(self.consumed, self.consumed + self.batch_size)
+            self.consumed = min(self.consumed + self.batch_size, self.num_clips)
+            idx = torch.arange(self.num_clips)[s]
+            yield Batch(self.video[s], self.mask[s], self.label[s], idx).to(
+                self.device, self.dtype, self.channels_last)
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.consumed = sd["epoch"], sd["consumed"]

@@ -80,6 +80,19 @@ def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: D
 def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
                  dist: Dist | None = None) -> dict:
     """Train per `cfg` into `run_dir`; `resume` is None, 'auto' or a checkpoint path."""
+    trainer, backend = build_trainer(cfg, run_dir, resume, console, dist)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.tracker.finish()
+    result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend)
+    return result
+
+
+def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
+                  dist: Dist | None = None) -> tuple[Trainer, str]:
+    """Everything a run needs, restored from a checkpoint when resuming."""
     run_dir = Path(run_dir)
     dist = dist or dist_from_env()
     state = None
@@ -135,12 +148,4 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
         console.print(f"run {run_dir}: backend {backend}, device {device}, "
                       f"{train_loader.num_clips} train / {eval_loader.num_clips} "
                       f"{cfg.data.eval_split} clips, {cfg.train.epochs} epochs")
-    t0 = time.perf_counter()
-    try:
-        result = trainer.train()
-    finally:
-        tracker.finish()
-    result["seconds"] = time.perf_counter() - t0
-    result["run_dir"] = str(run_dir)
-    result["backend"] = backend
-    return result
+    return trainer, backend

@@ -305,9 +305,9 @@ def _run_parallel(fn, jobs: list, workers: int, progress, label: str):
         results = pool.map(fn, jobs, chunksize=4)
     try:
         for key, *rest in results:
-            if task is not None:
-                progress.advance(task)
             yield key, rest[0] if len(rest) == 1 else tuple(rest)
+            if task is not None:  # after the caller has recorded the result
+                progress.advance(task)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

@@ -31,8 +31,8 @@ SPLIT_SHARE = {"train": 0.6, "dev": 0.2, "test": 0.2}
 SENTIMENT = {"neutral": "neutral", "joy": "positive", "surprise": "positive",
              "fear": "negative", "sadness": "negative", "disgust": "negative", "anger": "negative"}
 # One hue per class (RGB), far apart; pulse periods in frames.
-CLASS_RGB = np.array([[230, 230, 230], [255, 210, 0], [150, 0, 255], [0, 60, 255],
-                      [255, 120, 0], [0, 200, 60], [255, 0, 0]], dtype=np.float32)
+CLASS_RGB = np.array([[0, 220, 220], [255, 220, 0], [255, 0, 200], [0, 40, 255],
+                      [0, 200, 0], [130, 80, 0], [255, 0, 0]], dtype=np.float32)
 CLASS_PERIOD = [0, 4, 6, 8, 10, 12, 14]  # 0 = no pulse
 CODECS = {"h264": ("libx264", "yuv420p", {"preset": "ultrafast", "crf": "23"}),
           "vp9": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8",

@@ -138,10 +138,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the recipe
 
-    def train(self) -> dict:
+    def train(self, until_epoch: int | None = None) -> dict:
+        """Run the recipe to the end (or until `until_epoch` epochs are complete)."""
         t = self.cfg.train
+        end = t.epochs if until_epoch is None else min(until_epoch, t.epochs)
         with self._signals():
-            while self.epoch < t.epochs and not self.stop_requested:
+            while self.epoch < end and not self.stop_requested:
                 self.model.set_trainable(stages_for_epoch(t, self.epoch))
                 self.train_one_epoch()
                 if self.stop_requested:  # interrupted mid-epoch: state saved, resume later

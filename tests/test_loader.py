@@ -1,0 +1,130 @@
+"""The CPU fallback loader and the Batch contract."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from meld_dali.config import load_config
+from meld_dali.data import ClipOrder, LoaderSpec, TorchLoader, read_video_frames
+from meld_dali.manifest import Manifest
+from meld_dali.sampling import clip_indices
+from meld_dali.transforms import AugParams, apply_clip, draw_params
+
+
+def loader(root, split="train", train=True, frames=False, bs=4, workers=0, T=8, **kw):
+    cfg = load_config("demo", [f"data.num_frames={T}", f"loader.workers={workers}"])
+    spec = LoaderSpec(Manifest.load(root), split, train, bs, seed=3, use_frames=frames, **kw)
+    return TorchLoader(spec, cfg.data, cfg.loader), cfg
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_batch_contract(synth_root, frames):
+    L, cfg = loader(synth_root, frames=frames, workers=2, T=32)
+    m = L.spec.manifest
+    batches = list(L)
+    assert sum(len(b) for b in batches) == L.num_clips
+    saw_padding = False
+    for b in batches:
+        B = len(b)
+        assert b.video.shape == (B, 3, 32, 32, 32) and b.video.dtype == torch.float32
+        assert b.mask.shape == (B, 32) and b.mask.dtype == torch.bool
+        assert b.label.dtype == torch.int64 and b.index.dtype == torch.int64
+        for k in range(B):
+            n = m.clips[int(b.index[k])]["num_frames"]
+            assert int(b.mask[k].sum()) == min(n, 32)
+            assert b.label[k] == m.clips[int(b.index[k])]["label"]
+            pad = ~b.mask[k]
+            if pad.any():
+                saw_padding = True
+                assert torch.count_nonzero(b.video[k][:, pad]) == 0  # exactly zero
+            assert b.video[k][:, b.mask[k]].abs().sum() > 0
+    assert saw_padding
+
+
+def test_augmentation_is_one_draw_per_clip():
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (6, 3, 40, 60), dtype=torch.uint8, generator=g)
+    cfg = load_config("demo").data
+    plain = apply_clip(frames, cfg, AugParams(crop_x=0.3, crop_y=0.7))
+    flipped = apply_clip(frames, cfg, AugParams(crop_x=0.3, crop_y=0.7, flip=True))
+    # a flipped clip is flipped in every frame (the flip follows the crop)
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-6)
+    assert not torch.allclose(flipped, plain, atol=1e-3)
+    # applying the clip transform frame by frame gives the same as the whole clip
+    p = draw_params(cfg, seed=1, epoch=2, clip=3)
+    whole = apply_clip(frames, cfg, p)
+    single = torch.cat([apply_clip(frames[i:i + 1], cfg, p) for i in range(6)], dim=1)
+    assert torch.allclose(whole, single, atol=1e-5)
+
+
+def test_augmentation_statistics():
+    cfg = load_config("seed").data
+    ps = [draw_params(cfg, seed=0, epoch=e, clip=c) for e in range(10) for c in range(200)]
+    flips = np.mean([p.flip for p in ps])
+    assert 0.45 < flips < 0.55
+    assert all(-10 <= p.angle <= 10 and 0.8 <= p.brightness <= 1.2 and 0.8 <= p.contrast <= 1.2
+               and 0 <= p.crop_x <= 1 for p in ps)
+
+
+def test_eval_sees_every_clip_once_in_order(synth_root):
+    L, _ = loader(synth_root, split="dev", train=False, bs=3)
+    rows = torch.cat([b.index for b in L]).tolist()
+    assert rows == L.spec.manifest.ok("dev")
+
+
+def test_sharding_is_disjoint_and_complete(synth_root):
+    m = Manifest.load(synth_root)
+    for train in (False, True):
+        orders = [ClipOrder(m.ok("dev"), train=train, seed=0, batch_size=3, rank=r, world=3)
+                  .order(0) for r in range(3)]
+        flat = [x for o in orders for x in o]
+        assert len(flat) == len(set(flat))
+        if train:
+            assert len({len(o) for o in orders}) == 1  # DDP ranks stay in step
+        else:
+            assert sorted(flat) == m.ok("dev")
+
+
+def test_resume_mid_epoch_gives_the_same_remaining_batches(synth_root):
+    L, _ = loader(synth_root)
+    L.set_epoch(1)
+    full = [(b.index.clone(), b.video.clone()) for b in L]
+    L2, _ = loader(synth_root)
+    L2.set_epoch(1)
+    it = iter(L2)
+    for _ in range(2):
+        next(it)
+    state = L2.state_dict()
+    assert state == {"epoch": 1, "consumed": 8, "seed": 3}
+    L3, _ = loader(synth_root)
+    L3.load_state_dict(state)
+    rest = [(b.index, b.video) for b in L3]
+    assert len(rest) == len(full) - 2
+    for (i1, v1), (i2, v2) in zip(full[2:], rest, strict=True):
+        assert torch.equal(i1, i2) and torch.equal(v1, v2)
+
+
+def test_corrupt_clip_mid_epoch_is_skipped_and_reported(synth_root, tmp_path, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("frames"))
+    m = Manifest.load(root)
+    victim = m.ok("dev")[4]
+    m.video_path(m.clips[victim]).write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated junk")
+    L, _ = loader(root, split="dev", train=False, bs=4)
+    with caplog.at_level(logging.WARNING):
+        rows = torch.cat([b.index for b in L]).tolist()
+    assert victim not in rows and len(rows) == len(m.ok("dev")) - 1
+    assert [f.index for f in L.failures] == [victim]
+    assert str(m.video_path(m.clips[victim])) in caplog.text
+
+
+def test_decoder_returns_the_requested_frames(synth_root):
+    m = Manifest.load(synth_root)
+    c = next(c for c in m.clips if c["status"] == "ok" and c["num_frames"] >= 40)
+    idx, _ = clip_indices(c["num_frames"], 8, train=True, seed=0, epoch=0, clip=0)
+    some = read_video_frames(m.video_path(c), idx)
+    every = read_video_frames(m.video_path(c), np.arange(c["num_frames"]))
+    assert np.array_equal(some, every[idx])

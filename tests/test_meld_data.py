@@ -1,0 +1,167 @@
+"""MELD metadata, manifest (`prepare`), synth."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from meld_dali.config import EMOTIONS
+from meld_dali.manifest import Manifest, prepare
+from meld_dali.meld import find_sources, parse_time, read_csv
+from meld_dali.synth import SynthSpec, synth
+
+from .conftest import MELD_CSV_DIR
+
+MELD_COUNTS = {  # shared/meld/README.md
+    "train": {"neutral": 4710, "joy": 1743, "surprise": 1205, "anger": 1109, "sadness": 683,
+              "disgust": 271, "fear": 268},
+    "dev": {"neutral": 470, "joy": 163, "surprise": 150, "anger": 153, "sadness": 111,
+            "disgust": 22, "fear": 40},
+    "test": {"neutral": 1256, "joy": 402, "surprise": 281, "anger": 345, "sadness": 208,
+             "disgust": 68, "fear": 50},
+}
+
+
+@pytest.mark.skipif(not (MELD_CSV_DIR / "train_sent_emo.csv").exists(),
+                    reason="MELD CSVs not available (set MELD_CSV_DIR)")
+def test_real_meld_csvs_give_the_paper_counts(tmp_path):
+    # doubled MELD.Raw/MELD.Raw layout, as users often have it
+    base = tmp_path / "MELD.Raw" / "MELD.Raw"
+    (base / "train").mkdir(parents=True)
+    shutil.copy(MELD_CSV_DIR / "train_sent_emo.csv", base / "train")
+    for s in ("dev", "test"):
+        shutil.copy(MELD_CSV_DIR / f"{s}_sent_emo.csv", base)
+    sources = find_sources(tmp_path)
+    assert set(sources) == {"train", "dev", "test"}
+    for split, expected in MELD_COUNTS.items():
+        parsed = read_csv(sources[split].csv, split)
+        assert parsed.bad_rows == []
+        got = {e: sum(r.emotion == e for r in parsed.rows) for e in EMOTIONS}
+        assert got == expected, split
+        assert len(parsed.rows) == sum(expected.values())
+        assert all(r.start_s is not None and r.end_s is not None for r in parsed.rows)
+    train = read_csv(sources["train"].csv, "train").rows
+    assert 60 not in {r.dialogue for r in train}  # MELD's train has no dialogue 60
+
+
+def test_parse_time_quirks():
+    assert parse_time("0:12:43,012") == pytest.approx(763.012)
+    assert parse_time("00:00:01,5") == pytest.approx(1.5)
+    assert parse_time("garbage") is None
+
+
+def test_prepare_with_faults_gives_exact_statuses(synth_root):
+    info = json.loads((synth_root / "synth.json").read_text())
+    m = Manifest.load(synth_root)
+    status = {(c["split"], c["clip_id"]): c["status"] for c in m.clips}
+    f = info["faults"]
+    assert status[(f["missing"]["split"], f["missing"]["clip"])] == "missing"
+    assert status[(f["corrupt"]["split"], f["corrupt"]["clip"])] == "unreadable"
+    assert status[(f["empty"]["split"], f["empty"]["clip"])] == "empty"
+    assert (f["unlabelled"]["split"], f["unlabelled"]["clip"]) not in status
+    assert (f["bad_label"]["split"], f["bad_label"]["clip"]) not in status
+    assert sum(s != "ok" for s in status.values()) == 3
+    for split, per_class in info["splits"].items():
+        assert m.class_counts(split) == [per_class[e] for e in EMOTIONS]
+    report = json.loads((synth_root / "prepare_report.json").read_text())
+    assert any("confused" in b["reason"] for b in report["bad_rows"])
+    assert any(f["unlabelled"]["clip"] in p for p in report["unlabelled_files"])
+    # frame counts come from the file: they match what a decoder yields
+    for c in m.clips[:10]:
+        if c["status"] == "ok":
+            with av.open(str(m.video_path(c))) as v:
+                assert c["num_frames"] == sum(1 for _ in v.decode(video=0))
+    assert any(c["num_frames"] < 32 for c in m.clips if c["status"] == "ok")
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """A progress sink that interrupts prepare after n probed clips (like Ctrl-C)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, task):
+        self.n -= 1
+        if self.n == 0:
+            raise Interrupt
+
+
+def test_interrupted_prepare_resumes_and_reuses(tmp_path):
+    synth(tmp_path, SynthSpec(clips=30, seed=3))
+    with pytest.raises(Interrupt):
+        prepare(tmp_path, workers=1, progress=StopAfter(12))
+    assert not (tmp_path / "manifest.json").exists()
+    assert (tmp_path / "manifest.partial.jsonl").exists()
+    m, report = prepare(tmp_path, workers=1)
+    assert report["resumed_probes"] == 12 and not report["reused"]
+    fresh_dir = tmp_path / "fresh"
+    m2, _ = prepare(tmp_path, out=fresh_dir, workers=1)
+    strip = lambda clips: [{k: v for k, v in c.items() if k != "path"} for c in clips]
+    assert strip(m.clips) == strip(m2.clips)
+    _, again = prepare(tmp_path, workers=1)
+    assert again["reused"]
+    # a changed input invalidates it
+    (tmp_path / "dev_sent_emo.csv").write_text(
+        (tmp_path / "dev_sent_emo.csv").read_text() + "")
+    victim = next(c for c in m.clips if c["split"] == "dev")
+    m.video_path(victim).unlink()
+    m3, changed = prepare(tmp_path, workers=1)
+    assert not changed["reused"]
+    assert next(c for c in m3.clips if c["clip_id"] == victim["clip_id"]
+                and c["split"] == "dev")["status"] == "missing"
+
+
+def test_extracted_frames_are_what_the_decoder_sees(synth_root):
+    m = Manifest.load(synth_root)
+    c = next(c for c in m.clips if c["status"] == "ok" and c["num_frames"] > 10)
+    folder = m.frames_path(c)
+    jpgs = sorted(folder.glob("*.jpg"))
+    assert len(jpgs) == c["num_frames"]
+    with av.open(str(m.video_path(c))) as v:
+        frames = [f.to_image() for f in v.decode(video=0)]
+    for i in (0, len(jpgs) // 2, len(jpgs) - 1):
+        jpg = Image.open(jpgs[i])
+        assert min(jpg.size) == 36
+        ref = np.asarray(frames[i].resize(jpg.size, resample=3), dtype=np.float32)
+        assert np.abs(np.asarray(jpg, dtype=np.float32) - ref).mean() < 4.0  # JPEG loss only
+        other = np.asarray(frames[(i + 5) % len(frames)].resize(jpg.size, resample=3),
+                           dtype=np.float32)
+        assert np.abs(np.asarray(jpg, dtype=np.float32) - ref).mean() < \
+            np.abs(np.asarray(jpg, dtype=np.float32) - other).mean() or i == 0
+
+
+def test_synth_is_deterministic_and_meld_shaped(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    synth(a, SynthSpec(clips=25, seed=5, codec="mjpeg"))
+    synth(b, SynthSpec(clips=25, seed=5, codec="mjpeg"))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.mp4"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.mp4"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert (a / "train" / "train_sent_emo.csv").exists()
+    assert (a / "dev" / "dev_splits_complete").is_dir()
+    assert (a / "test" / "output_repeated_splits_test").is_dir()
+    header = (a / "dev_sent_emo.csv").read_text().splitlines()[0]
+    assert header.split(",")[0] == "Sr No." and len(header.split(",")) == 11
+
+
+def test_prepare_cli_names_each_bad_file(tmp_path):
+    synth(tmp_path, SynthSpec(clips=25, seed=6, faults=True))
+    info = json.loads((tmp_path / "synth.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "meld_dali", "prepare", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.replace("\n", "")
+    for kind in ("missing", "corrupt", "empty"):
+        assert info["faults"][kind]["clip"] in text

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meld_dali.config import ModelConfig
+from meld_dali.losses import FocalLoss, inverse_sqrt_weights
+from meld_dali.model import STAGES, SlowFastMELD, masked_time_pool
+
+
+def test_focal_is_cross_entropy_at_gamma_zero():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(12, 7, generator=g), torch.randint(0, 7, (12,), generator=g)
+    w = inverse_sqrt_weights([470, 150, 40, 111, 163, 22, 153])
+    assert torch.allclose(FocalLoss(0.0)(logits, y), F.cross_entropy(logits, y))
+    assert torch.allclose(FocalLoss(0.0, w)(logits, y), F.cross_entropy(logits, y, weight=w))
+
+
+def test_focal_hand_value():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    p = math.exp(2) / (math.exp(2) + 6)
+    expected = -((1 - p) ** 2) * math.log(p)
+    assert FocalLoss(2.0)(logits, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_weights_inverse_sqrt_mean_one():
+    counts = [4710, 1205, 268, 683, 1743, 271, 1109]
+    w = inverse_sqrt_weights(counts)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-6)
+    ratio = w[2] / w[0]
+    assert ratio.item() == pytest.approx(math.sqrt(4710 / 268), rel=1e-5)
+    assert torch.isfinite(inverse_sqrt_weights([5, 0, 1, 1, 1, 1, 1])).all()
+
+
+def test_masked_pool_ignores_padded_steps():
+    feat = torch.randn(2, 3, 6, 2, 2)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    out = masked_time_pool(feat, mask)
+    assert torch.allclose(out[0], feat[0, :, :3].mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(out[1], feat[1].mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SlowFastMELD(ModelConfig(hidden=[32, 16]))
+
+
+def test_padded_frames_change_nothing(model):
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(2, 3, 8, 32, 32, generator=g)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    noisy = video.clone()
+    noisy[0, :, 5:] = torch.randn(3, 3, 32, 32, generator=g) * 10
+    with torch.no_grad():
+        a, b = model(video, mask), model(noisy, mask)
+        assert a.shape == (2, 7)
+        assert torch.equal(a, b)
+        # ...but a change in a real frame does change the prediction
+        noisy[0, :, 1] += 5
+        assert not torch.allclose(a[0], model(noisy, mask)[0])
+
+
+def test_unfreezing_flips_exactly_the_stage(model):
+    model.set_trainable(set())
+    model.train()
+    assert not any(p.requires_grad for p in model.blocks.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not any(m.training for b in model.blocks for m in b.modules())  # frozen BN: eval
+    model.set_trainable({"res5"})
+    for name, block in zip(STAGES, model.blocks, strict=True):
+        assert all(p.requires_grad == (name == "res5") for p in block.parameters())
+        assert all(m.training == (name == "res5") for m in block.modules())
+    model.set_trainable(set(STAGES))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pretrained_offline_keeps_random_init(model, tmp_path, caplog):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.load_pretrained(str(tmp_path / "nope.pyth")) is False
+    assert "random init" in caplog.text
+    torch.save({"model_state": {k: v + 1 for k, v in before.items()
+                                if k.startswith("blocks.4.") and v.is_floating_point()}},
+               tmp_path / "k400.pyth")
+    assert model.load_pretrained(str(tmp_path / "k400.pyth")) is True
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("blocks.4.") for k in changed)
+    model.load_state_dict(before)

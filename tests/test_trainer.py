@@ -1,0 +1,197 @@
+"""Recipe pieces (schedule, early stopping, accumulation) and end-to-end runs on synth data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from meld_dali.checkpoint import load_checkpoint
+from meld_dali.config import Config, load_config
+from meld_dali.data import SyntheticLoader
+from meld_dali.errors import UserError
+from meld_dali.launch import build_trainer, run_training
+from meld_dali.trainer import EarlyStopping, Trainer, build_scheduler, stages_for_epoch
+
+
+def test_onecycle_start_peak_end_and_warmup():
+    p = nn.Parameter(torch.zeros(1))
+    cfg = Config().optim
+    opt = torch.optim.AdamW([p], lr=cfg.base_lr)
+    total = 100
+    sched = build_scheduler(opt, cfg, total)
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(total - 1):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx(1e-5)
+    peak = max(range(total), key=lambda i: lrs[i])
+    assert lrs[peak] == pytest.approx(1e-3)
+    assert peak == pytest.approx(0.3 * total, abs=1)  # 30% warmup
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-3)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))  # rising
+    assert all(a >= b for a, b in zip(lrs[peak:-1], lrs[peak + 1:], strict=True))  # annealing
+
+
+def test_early_stopping_rules():
+    es = EarlyStopping(patience=3, min_epochs=6, min_delta=0.005)
+    assert es.update(0.30)
+    assert not es.update(0.304)  # +0.004 is not an improvement
+    assert not es.update(0.30) and not es.update(0.29)
+    assert es.bad_epochs == 3
+    assert not es.should_stop(epoch=3)  # patience used up, but before min_epochs
+    assert es.should_stop(epoch=5)
+    assert es.update(0.306) and es.bad_epochs == 0 and not es.should_stop(epoch=9)
+
+
+def test_unfreeze_schedule():
+    t = Config().train
+    assert stages_for_epoch(t, 0) == set()
+    assert stages_for_epoch(t, 3) == {"res5"}
+    assert stages_for_epoch(t, 8) == {"res5", "res4"}
+    assert stages_for_epoch(t, 40) == {"res5", "res4", "res3"}
+
+
+class TinyNet(nn.Module):
+    """A model over Batch tensors with no BatchNorm or dropout, for exact comparisons."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 7)
+        self.trainable: set[str] = set()
+
+    def set_trainable(self, stages):
+        self.trainable = set(stages)
+
+    def forward(self, video, mask):
+        return self.fc(video.mean(dim=(2, 3, 4)))
+
+
+def test_accumulating_4_micro_batches_equals_one_4x_batch(tmp_path):
+    data = SyntheticLoader.random(8, 4, 8, batch_size=2, seed=1)
+    results = []
+    for bs, accum in ((2, 4), (8, 1)):
+        cfg = load_config(None, [f"train.batch_size={bs}", f"train.accum_steps={accum}",
+                                 "optim.class_weights=none", "train.epochs=1"])
+        loader = SyntheticLoader(data.video, data.mask, data.label, bs)
+        net = TinyNet()
+        tr = Trainer(cfg, tmp_path, net, loader, loader, [1] * 7, torch.device("cpu"))
+        tr.train_one_epoch()
+        assert tr.step == 1
+        results.append(net.fc.weight.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    assert not torch.equal(results[0], TinyNet().fc.weight)
+
+
+def test_last_partial_accumulation_group_is_applied(tmp_path):
+    cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=4", "train.epochs=1"])
+    loader = SyntheticLoader.random(10, 4, 8, batch_size=2)  # 5 micro-batches: 4 + 1
+    tr = Trainer(cfg, tmp_path, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
+    tr.train_one_epoch()
+    assert tr.step == 2 and tr.scheduler.total_steps == 2
+    assert all(p.grad is None for p in tr.model.parameters())
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_end_to_end_run(synth_root, tiny_cfg, tmp_path):
+    tiny_cfg.data.root = str(synth_root)
+    tiny_cfg.train.max_steps_per_epoch = 2
+    result = run_training(tiny_cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1] and result["epochs"] == 2
+    for r in rows:
+        for key in ("train_loss", "accuracy", "macro_f1", "weighted_f1", "baseline_weighted_f1",
+                    "per_class", "confusion", "data_wait_share"):
+            assert key in r
+        assert r["n"] == 12 and sum(map(sum, r["confusion"])) == 12  # every dev clip once
+    assert rows[0]["stages"] == ["res5"] and rows[1]["stages"] == ["res4", "res5"]
+    assert (run / "config.yaml").exists() and (run / "confusion_epoch001.png").exists()
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and last["emotions"][0] == "neutral"
+    assert (run / "checkpoints" / "best.pt").exists()
+    with pytest.raises(UserError, match="already holds a run"):
+        run_training(tiny_cfg, run)
+
+
+def test_resume_equality_across_unfreezing(synth_root, tiny_cfg, tmp_path):
+    """3 epochs straight == 1 epoch, save, reload, 2 more (bit-exact on CPU), with the
+    unfreezing of res4/res3 happening after the resume point."""
+    tiny_cfg.data.root = str(synth_root)
+    tiny_cfg.train.epochs = 3
+    tiny_cfg.train.max_steps_per_epoch = 2
+    straight = run_training(tiny_cfg, tmp_path / "a")
+    trainer, _ = build_trainer(tiny_cfg, tmp_path / "b")
+    trainer.train(until_epoch=1)
+    del trainer
+    resumed = run_training(tiny_cfg, tmp_path / "b", resume="auto")
+    assert straight["epochs"] == resumed["epochs"] == 3
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "share"))}
+                          for r in rows]
+    assert strip(ma) == strip(mb)
+
+
+def test_resume_refuses_another_config(synth_root, tiny_cfg, tmp_path):
+    tiny_cfg.data.root = str(synth_root)
+    tiny_cfg.train.epochs = 1
+    tiny_cfg.train.max_steps_per_epoch = 1
+    run_training(tiny_cfg, tmp_path / "r")
+    tiny_cfg.optim.max_lr = 0.5
+    with pytest.raises(UserError, match="optim.max_lr"):
+        run_training(tiny_cfg, tmp_path / "r", resume="auto")
+
+
+def test_garbage_last_checkpoint_falls_back_to_previous(synth_root, tiny_cfg, tmp_path):
+    tiny_cfg.data.root = str(synth_root)
+    tiny_cfg.train.epochs = 2
+    tiny_cfg.train.max_steps_per_epoch = 1
+    run_training(tiny_cfg, tmp_path / "r")
+    ck = tmp_path / "r" / "checkpoints"
+    assert load_checkpoint(ck / "last.prev.pt")["epoch"] == 1
+    data = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(ck / "last.pt")
+    trainer, _ = build_trainer(tiny_cfg, tmp_path / "r", resume="auto")
+    assert trainer.epoch == 1
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_loadable_last(synth_root, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "meld_dali", "train", "--config", "demo", "--data",
+            str(synth_root), "--out", str(run), "--set", "train.epochs=50",
+            "--set", "data.num_frames=4", "--set", "train.batch_size=4",
+            "--set", "loader.workers=0", "--set", "train.checkpoint_every_steps=1",
+            "--set", "loader.backend=torch"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resume with" in err
+    ck = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["step"] >= 1 and ck["epoch"] < 50
+    trainer, _ = build_trainer(load_config("demo", [
+        f"data.root={synth_root}", "train.epochs=50", "data.num_frames=4", "train.batch_size=4",
+        "loader.workers=0", "train.checkpoint_every_steps=1", "loader.backend=torch"]),
+        run, resume="auto")
+    assert trainer.step == ck["step"]
