@@ -21,7 +21,8 @@ OUTPUTS = ("video", "label", "index", "mask")
 def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: str = "CFHW"):
     """The augmentation spec on a sequence (FHWC uint8) with one draw per sample:
     resize shorter side -> crop -> flip -> rotate -> contrast/brightness -> normalize,
-    returned as `layout` (CFHW for sequences, CHW for single frames) in `dtype`. Eval: resize -> center crop -> normalize."""
+    returned as `layout` (CFHW for sequences, CHW for single frames) in `dtype`.
+    Eval: resize -> center crop -> normalize."""
     frames = fn.resize(frames, resize_shorter=cfg.short_side, antialias=True,
                        interp_type=types.INTERP_LINEAR)
     size = (cfg.crop_size, cfg.crop_size)
