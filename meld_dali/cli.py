@@ -150,23 +150,96 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     not_implemented("predict")
 
 
+def bench_data(data: Path | None, config) -> object:
+    """The manifest to benchmark on: --data, or a cached synthetic VP9 set with frame folders
+    (VP9 so that DALI's CPU decoder can run it too), sized like MELD's inputs."""
+    from meld_dali.launch import open_manifest
+    from meld_dali.manifest import prepare
+    from meld_dali.synth import SynthSpec, synth as make
+
+    if data is not None:
+        return open_manifest(data, console)
+    root = Path("runs") / "bench-data"
+    if not (root / "manifest.json").exists():
+        console.print(f"[bold]bench: synthesizing 64 VP9 clips (352x288) in {root}")
+        with progress() as p:
+            make(root, SynthSpec(clips=64, codec="vp9", width=352, height=288, seed=0),
+                 progress=p)
+            prepare(root, frames=root / "frames", short_side=config.data.short_side,
+                    workers=2, progress=p)
+    return open_manifest(root, console)
+
+
+def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
+                save: bool) -> None:
+    from meld_dali.bench.common import result_path, write_json
+
+    paths = []
+    if json_out:
+        paths.append(write_json(report, json_out))
+    if save:
+        paths.append(write_json(report, result_path(kind, precision, report["env"])))
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
 @bench_app.command("loader")
 def bench_loader(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                  backends: str = typer.Option("dali-gpu,dali-cpu,torch", help="comma list"),
-                 batches: int = typer.Option(20, help="timed batches per repeat"),
+                 sources: str = typer.Option("video,frames", help="video and/or frames"),
+                 batches: int = typer.Option(10, help="timed batches per repeat"),
+                 repeats: int = typer.Option(3, help="timed repeats (median reported)"),
+                 batch_size: int = typer.Option(8, help="clips per batch"),
+                 workers: int = typer.Option(2, help="DataLoader workers = DALI threads"),
+                 config: Path = typer.Option(None, help="recipe for data settings (seed)"),
+                 set_: list[str] = typer.Option([], "--set", help="override: section.key=v"),
                  json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
-                 plot: Path = typer.Option(None, help="write a bar chart PNG")):
+                 plot: Path = typer.Option(None, help="write a bar chart PNG"),
+                 save: bool = typer.Option(False, "--save", help="also write bench/results/")):
     """Loader throughput per backend on the same manifest."""
-    not_implemented("bench loader")
+    from meld_dali.bench.loader import bench_loader as run, plot as draw, render_table
+    from meld_dali.config import load_config
+
+    cfg = load_config(config or "seed", [*set_, f"loader.workers={workers}"])
+    manifest = bench_data(data, cfg)
+    with progress() as p:
+        report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
+                     batches=batches, repeats=repeats, batch_size=batch_size, progress=p)
+    out.print(render_table(report))
+    save_report(report, "loader", "uint8-fp32", json_out, save)
+    if plot:
+        draw(report, plot)
+        console.print(f"wrote {plot}")
 
 
 @bench_app.command("train")
 def bench_train(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                 backends: str = typer.Option("synthetic,dali-gpu,dali-cpu,torch"),
-                steps: int = typer.Option(10, help="timed steps"),
-                json_out: Path = typer.Option(None, "--json", help="write results as JSON")):
+                steps: int = typer.Option(5, help="timed optimizer steps"),
+                warmup: int = typer.Option(2, help="warm-up steps (compilation included)"),
+                source: str = typer.Option("auto", help="auto|video|frames"),
+                config: Path = typer.Option(None, help="recipe (default: seed)"),
+                set_: list[str] = typer.Option([], "--set", help="override: section.key=v, "
+                                               "e.g. train.amp=bf16 train.compile=false"),
+                json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
+                save: bool = typer.Option(False, "--save", help="also write bench/results/")):
     """Trainer step throughput and data-wait share per loader."""
-    not_implemented("bench train")
+    import tempfile
+
+    from meld_dali.bench.train import bench_train as run, render_table
+    from meld_dali.config import load_config
+
+    cfg = load_config(config or "seed", [*set_, "model.pretrained="])
+    manifest = bench_data(data, cfg) if set(_split(backends)) - {"synthetic"} else None
+    with progress() as p, tempfile.TemporaryDirectory() as tmp:
+        report = run(cfg, manifest, _split(backends), steps=steps, warmup=warmup,
+                     run_dir=Path(tmp), source=source, progress=p)
+    out.print(render_table(report))
+    save_report(report, "train", report["settings"]["amp"], json_out, save)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,7 +151,7 @@ class Trainer:
                 metrics = self.evaluate()
                 improved = self.early.update(metrics["weighted_f1"])
                 self.end_epoch(metrics, improved)
-                if self.early.should_stop(self.epoch - 1):
+                if self.epoch < t.epochs and self.early.should_stop(self.epoch - 1):
                     self.say(f"early stop: no weighted-F1 gain >= {t.min_delta} for "
                              f"{t.patience} epochs (best {self.early.best:.4f})")
                     break
