@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -106,10 +107,8 @@ class ResourceMonitor:
     def _sample(self) -> None:
         rss = 0
         for p in self._tree():
-            try:
+            with contextlib.suppress(psutil.Error):
                 rss += p.memory_info().rss
-            except psutil.Error:
-                pass
         self.peak_rss = max(self.peak_rss, rss)
         if self._nvml is not None:
             try:

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from meld_dali.bench.common import ResourceMonitor, environment
+
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data import BACKENDS, LoaderSpec, backend_problem, build_loader
 from meld_dali.manifest import Manifest

@@ -12,8 +12,8 @@ import copy
 from pathlib import Path
 
 import torch
-
 from meld_dali.bench.common import ResourceMonitor, environment
+
 from meld_dali.config import Config
 from meld_dali.data import BACKENDS, LoaderSpec, SyntheticLoader, backend_problem, build_loader
 from meld_dali.launch import flag, video_dtype
@@ -31,8 +31,8 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
     if flag(cfg.loader.channels_last, device):
         model = model.to(memory_format=torch.channels_last_3d)
     model.set_trainable(set(("res3", "res4", "res5")))  # the costliest recipe stage
-    net = torch.compile(model) if flag(cfg.train.compile, device) else model
-    trainer = Trainer(cfg, run_dir, model, loader, loader, [1] * 7, device, compiled=net)
+    make = torch.compile if flag(cfg.train.compile, device) else None
+    trainer = Trainer(cfg, run_dir, model, loader, loader, [1] * 7, device, make_net=make)
     trainer.cfg.train.max_steps_per_epoch = warmup
     trainer.train_one_epoch()  # warm-up (and compilation)
     trainer.stats.__init__()

@@ -135,19 +135,75 @@ def demo_data(root: Path) -> Path:
 
 @app.command()
 def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
-             data: Path = typer.Option(None, help="prepared MELD root or manifest"),
+             data: Path = typer.Option(None, help="prepared MELD root (default: the run's)"),
              split: str = typer.Option("dev", help="dev or test"),
-             json_out: Path = typer.Option(None, "--json", help="write results as JSON")):
-    """Score a checkpoint on a split."""
-    not_implemented("evaluate")
+             backend: Backend = typer.Option(Backend.auto, help="loader backend"),
+             views: str = typer.Option("", help="multi-view testing TEMPORALxSPATIAL, e.g. 3x3"),
+             device: str = typer.Option("auto", help="auto | cpu | cuda"),
+             json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
+             png: Path = typer.Option(None, help="confusion matrix PNG")):
+    """Score a checkpoint on a split (accuracy, F1s, per class, confusion, baseline)."""
+    from meld_dali.bench.common import write_json
+    from meld_dali.inference import evaluate as run
+    from meld_dali.inference import load_for_inference
+    from meld_dali.metrics import plot_confusion
+    from meld_dali.report import evaluation_table
+
+    if split not in ("train", "dev", "test"):
+        raise UserError(f"--split {split!r}: choose dev or test (or train)")
+    mv = None
+    if views:
+        try:
+            mv = tuple(int(v) for v in views.lower().split("x"))
+            assert len(mv) == 2 and min(mv) >= 1
+        except (ValueError, AssertionError):
+            raise UserError(f"--views {views!r}: expected TEMPORALxSPATIAL, e.g. 3x3") from None
+    loaded = load_for_inference(checkpoint, device)
+    result = run(loaded, data, split, backend.value, mv)
+    out.print(evaluation_table(result))
+    if json_out:
+        write_json(result, json_out)
+        console.print(f"wrote {json_out}")
+    if png:
+        plot_confusion(result["confusion"], png, f"{split}, {checkpoint.name}")
+        console.print(f"wrote {png}")
 
 
 @app.command()
 def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
-            videos: list[Path] = typer.Argument(..., help="video files"),
+            videos: list[Path] = typer.Argument(..., help="video files (mp4, avi, webm, ...)"),
+            device: str = typer.Option("auto", help="auto | cpu | cuda"),
             as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
-    """Predict the emotion of video files."""
-    not_implemented("predict")
+    """Predict the emotion of video files. Exit 1 if any file could not be read."""
+    import json
+
+    from rich.table import Table
+
+    from meld_dali.config import EMOTIONS
+    from meld_dali.inference import load_for_inference, predict_file
+
+    loaded = load_for_inference(checkpoint, device)
+    results = [predict_file(loaded, v) for v in videos]
+    if as_json:
+        print(json.dumps(results, indent=1))
+    else:
+        t = Table(title=f"predictions of {checkpoint.name}")
+        t.add_column("file")
+        t.add_column("emotion")
+        for e in EMOTIONS:
+            t.add_column(e, justify="right")
+        for r in results:
+            if "error" in r:
+                continue
+            t.add_row(r["path"], r["emotion"],
+                      *[f"{r['probabilities'][e]:.2f}" for e in EMOTIONS])
+        out.print(t)
+    for r in results:
+        if "error" in r:
+            console.print(f"[red]error:[/red] {r['path']}: {r['error']}", highlight=False,
+                          soft_wrap=True)
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
 
 
 def bench_data(data: Path | None, config) -> object:
@@ -155,7 +211,8 @@ def bench_data(data: Path | None, config) -> object:
     (VP9 so that DALI's CPU decoder can run it too), sized like MELD's inputs."""
     from meld_dali.launch import open_manifest
     from meld_dali.manifest import prepare
-    from meld_dali.synth import SynthSpec, synth as make
+    from meld_dali.synth import SynthSpec
+    from meld_dali.synth import synth as make
 
     if data is not None:
         return open_manifest(data, console)
@@ -197,7 +254,9 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                  plot: Path = typer.Option(None, help="write a bar chart PNG"),
                  save: bool = typer.Option(False, "--save", help="also write bench/results/")):
     """Loader throughput per backend on the same manifest."""
-    from meld_dali.bench.loader import bench_loader as run, plot as draw, render_table
+    from meld_dali.bench.loader import bench_loader as run
+    from meld_dali.bench.loader import plot as draw
+    from meld_dali.bench.loader import render_table
     from meld_dali.config import load_config
 
     cfg = load_config(config or "seed", [*set_, f"loader.workers={workers}"])
@@ -226,7 +285,8 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
     """Trainer step throughput and data-wait share per loader."""
     import tempfile
 
-    from meld_dali.bench.train import bench_train as run, render_table
+    from meld_dali.bench.train import bench_train as run
+    from meld_dali.bench.train import render_table
     from meld_dali.config import load_config
 
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])

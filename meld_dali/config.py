@@ -31,6 +31,8 @@ class DataConfig:
     short_side: int = 256  # resize shorter side before cropping
     flip_p: float = 0.5
     rotate_deg: float = 10.0  # rotation uniform in [-rotate_deg, rotate_deg]
+    # linear, or nearest: ~5x cheaper in DALI's CPU warp (the CPU variant's bottleneck)
+    rotate_interp: str = "linear"
     brightness: list[float] = field(default_factory=lambda: [0.8, 1.2])
     contrast: list[float] = field(default_factory=lambda: [0.8, 1.2])
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -128,6 +130,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("auto", "video", "frames"),
+    "data.rotate_interp": ("linear", "nearest"),
     "loader.backend": ("auto", "dali-gpu", "dali-cpu", "torch"),
     "loader.channels_last": ("auto", "true", "false"),
     "loader.dtype": ("auto", "float32", "float16", "bfloat16"),

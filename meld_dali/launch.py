@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from meld_dali import checkpoint as ckpt_io
+from meld_dali import hub
 from meld_dali.config import Config, dump_config
 from meld_dali.data import LoaderSpec, build_loader, resolve_backend, use_frames
 from meld_dali.errors import UserError
@@ -63,6 +64,38 @@ def dist_from_env() -> Dist:
     return Dist(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def init_distributed(dist: Dist, device: torch.device) -> torch.device:
+    """Under torchrun: one process per rank, NCCL on GPU, gloo on CPU."""
+    if dist.world <= 1:
+        return device
+    import torch.distributed as tdist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def net_factory(cfg: Config, device: torch.device, dist: Dist):
+    """model -> what runs forward: DDP-wrapped under torchrun, compiled when asked.
+
+    DDP registers only the parameters that require grad when it wraps, so the trainer
+    re-wraps at each unfreezing: newly trainable blocks are then synchronized, frozen ones
+    cost nothing, and no find_unused_parameters scan is needed."""
+    def make(model: torch.nn.Module) -> torch.nn.Module:
+        net = model
+        if dist.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+        if flag(cfg.train.compile, device):
+            net = torch.compile(net)  # checkpoints always hold the uncompiled `model`
+        return net
+    return make
+
+
 def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: Dist):
     frames = use_frames(manifest, cfg.data.source)
     backend = resolve_backend(cfg.loader.backend, manifest, cfg.data.train_split, frames)
@@ -87,6 +120,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
     finally:
         trainer.tracker.finish()
     result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend)
+    if trainer.dist.main and not result["interrupted"] and cfg.hub.push == "end":
+        result["hub_pushed"] = hub.push(cfg.hub, Path(run_dir))
     return result
 
 
@@ -115,7 +150,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
 
-    device = pick_device(cfg.train.device)
+    device = init_distributed(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
     manifest = open_manifest(cfg.data.root, console, cfg.loader.workers)
     backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
@@ -127,21 +162,17 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     model = build_model(cfg.model).to(device)
     if flag(cfg.loader.channels_last, device):
         model = model.to(memory_format=torch.channels_last_3d)
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if flag(cfg.train.compile, device):
-        net = torch.compile(net)  # the checkpoint always holds the uncompiled `model`
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.main:
         dump_config(cfg, run_dir / "config.yaml")
     tracker = build_tracker(cfg.tracking, run_dir, cfg.to_dict(),
                             state.get("tracker_run_id") if state else None, enabled=dist.main)
+    on_best = (lambda: hub.push(cfg.hub, run_dir)) if cfg.hub.push == "best" else None
     trainer = Trainer(cfg, run_dir, model, train_loader, eval_loader, counts, device,
-                      compiled=net, tracker=tracker, dist=dist, console=console,
-                      clip_ids=[c["clip_id"] for c in manifest.clips])
+                      make_net=net_factory(cfg, device, dist), tracker=tracker, dist=dist,
+                      console=console, clip_ids=[c["clip_id"] for c in manifest.clips],
+                      on_best=on_best)
     if state is not None:
         trainer.load_state_dict(state)
     if console and dist.main:

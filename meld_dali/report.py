@@ -34,3 +34,25 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"ignored {n} video file(s) with no CSV row, e.g. "
                       f"{report['unlabelled_files'][0]}", highlight=False, soft_wrap=True)
     console.print(f"manifest: {report['manifest']}", highlight=False, soft_wrap=True)
+
+
+def evaluation_table(result: dict) -> Table:
+    """Per-class table with the headline metrics and the all-neutral baseline beside them."""
+    mv = result.get("multi_view")
+    t = Table(title=f"{result['split']}: accuracy {result['accuracy']:.4f}, macro F1 "
+                    f"{result['macro_f1']:.4f}, weighted F1 {result['weighted_f1']:.4f} "
+                    f"(all-neutral baseline {result['baseline_weighted_f1']:.4f})"
+                    + (f"; multi-view {mv['views']['temporal']}x{mv['views']['spatial']}: "
+                       f"weighted F1 {mv['weighted_f1']:.4f}" if mv else ""))
+    for col in ("class", "precision", "recall", "F1", "support"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    if mv:
+        t.add_column("F1 multi-view", justify="right")
+    for e in EMOTIONS:
+        c = result["per_class"][e]
+        row = [e, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}",
+               str(c["support"])]
+        if mv:
+            row.append(f"{mv['per_class'][e]['f1']:.3f}")
+        t.add_row(*row)
+    return t

@@ -22,8 +22,12 @@ def clip_rng(seed: int, epoch: int, clip: int, stream: int = 0) -> np.random.Gen
 
 
 def sample_indices(n: int, num_frames: int, *, train: bool,
-                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return (indices int64 [T], mask bool [T]); padded slots have index PAD and mask False."""
+                   rng: np.random.Generator | None = None,
+                   position: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Return (indices int64 [T], mask bool [T]); padded slots have index PAD and mask False.
+
+    Eval takes the frame at `position` (0..1) of each segment: 0.5 = the middle (the spec);
+    multi-view testing takes several positions."""
     T = num_frames
     if n <= 0:
         raise ValueError(f"clip has {n} frames: empty clips never reach a loader")
@@ -39,8 +43,10 @@ def sample_indices(n: int, num_frames: int, *, train: bool,
         if rng is None:
             raise ValueError("train sampling needs an rng (use clip_rng(seed, epoch, clip))")
         idx = start + (rng.random(T) * (end - start)).astype(np.int64)
-    else:
+    elif position == 0.5:
         idx = start + (end - start) // 2
+    else:
+        idx = np.minimum(start + ((end - start) * position).astype(np.int64), end - 1)
     return idx.astype(np.int64), np.ones(T, dtype=bool)
 
 

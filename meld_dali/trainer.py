@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -108,14 +107,18 @@ def build_scheduler(opt, cfg, total_steps: int):
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, model: nn.Module, train_loader, eval_loader,
                  class_counts: list[int], device: torch.device, *,
-                 compiled: nn.Module | None = None,
-                 tracker=None, dist: Dist | None = None, console=None, clip_ids: list[str] = ()):
+                 make_net=None,
+                 tracker=None, dist: Dist | None = None, console=None, clip_ids: list[str] = (),
+                 on_best=None):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.model = model  # unwrapped: what checkpoints hold
-        self.net = compiled or model  # what runs forward (compiled and/or DDP-wrapped)
+        self.make_net = make_net or (lambda m: m)  # -> compiled and/or DDP-wrapped model
+        self.net = self.make_net(model)
+        # eval on each rank's shard without DDP collectives (shards may differ by a batch)
+        self.eval_net = self.net if dist is None or dist.world == 1 else model
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.tracker, self.dist = tracker or NullTracker(), dist or Dist()
-        self.console, self.clip_ids = console, list(clip_ids)
+        self.console, self.clip_ids, self.on_best = console, list(clip_ids), on_best
         t, o = cfg.train, cfg.optim
         weights = inverse_sqrt_weights(class_counts) if o.class_weights == "inv_sqrt" else None
         self.criterion = FocalLoss(o.focal_gamma, weights).to(device)
@@ -131,6 +134,12 @@ class Trainer:
         self.stop_requested = False
         self.history: list[dict] = []
 
+    def set_stages(self, stages: set[str]) -> None:
+        if stages != self.model.trainable:
+            self.model.set_trainable(stages)
+            if self.dist.world > 1:
+                self.net = self.make_net(self.model)
+
     def batches_per_epoch(self) -> int:
         n = len(self.train_loader)
         cap = self.cfg.train.max_steps_per_epoch * self.cfg.train.accum_steps
@@ -144,7 +153,7 @@ class Trainer:
         end = t.epochs if until_epoch is None else min(until_epoch, t.epochs)
         with self._signals():
             while self.epoch < end and not self.stop_requested:
-                self.model.set_trainable(stages_for_epoch(t, self.epoch))
+                self.set_stages(stages_for_epoch(t, self.epoch))
                 self.train_one_epoch()
                 if self.stop_requested:  # interrupted mid-epoch: state saved, resume later
                     break
@@ -229,24 +238,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def predict(self, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once."""
-        self.net.eval()
-        labels, probs, rows = [], [], []
-        for batch in loader:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.net(batch.video, batch.mask)
-            probs.append(logits.float().softmax(-1).cpu())
-            labels.append(batch.label.cpu())
-            rows.append(batch.index.cpu())
-        if not labels:
-            return np.zeros(0, np.int64), np.zeros((0, len(EMOTIONS))), np.zeros(0, np.int64)
-        return gather(torch.cat(labels), torch.cat(probs), torch.cat(rows), self.dist)
-
     def evaluate(self) -> dict:
-        labels, probs, rows = self.predict(self.eval_loader)
+        labels, probs, rows = predict_loader(self.eval_net, self.eval_loader, self.device,
+                                             self.amp_dtype, self.dist)
         pred = probs.argmax(1)
         metrics = classification_metrics(labels, pred)
         conf = probs.max(1)
@@ -281,11 +275,19 @@ class Trainer:
         self.save_last()
         if improved:
             ckpt_io.atomic_save(self.state_dict(), self.run_dir / "checkpoints" / "best.pt")
+            if self.on_best:
+                self.on_best()
 
     def save_last(self) -> None:
-        if self.dist.main:
-            ckpt_io.atomic_save(self.state_dict(), self.run_dir / "checkpoints" / "last.pt",
-                                keep_previous=True)
+        if not self.dist.main:
+            return
+        ck = self.run_dir / "checkpoints"
+        state = self.state_dict()
+        ckpt_io.atomic_save(state, ck / "last.pt", keep_previous=True)
+        if self.cfg.train.keep_last:  # step-numbered copies, the newest k kept
+            ckpt_io.atomic_save(state, ck / f"step{self.step:08d}.pt")
+            for old in sorted(ck.glob("step*.pt"))[: -self.cfg.train.keep_last]:
+                old.unlink()
 
     def say(self, msg: str) -> None:
         if self.dist.main:
@@ -304,7 +306,7 @@ class Trainer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
-        self.model.set_trainable(set(sd["stages"]))
+        self.set_stages(set(sd["stages"]))
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
@@ -344,6 +346,27 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+@torch.no_grad()
+def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist: Dist):
+    """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once,
+    gathered over ranks."""
+    net.eval()
+    labels, probs, rows = [], [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            logits = net(batch.video, batch.mask)
+        probs.append(logits.float().softmax(-1).cpu())
+        labels.append(batch.label.cpu())
+        rows.append(batch.index.cpu())
+    if labels:
+        labels, probs, rows = torch.cat(labels), torch.cat(probs), torch.cat(rows)
+    else:
+        labels, probs, rows = (torch.zeros(0, dtype=torch.int64),
+                               torch.zeros(0, len(EMOTIONS)), torch.zeros(0, dtype=torch.int64))
+    return gather(labels, probs, rows, dist)
 
 
 def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: Dist):

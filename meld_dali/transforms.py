@@ -61,7 +61,9 @@ def apply_clip(frames: torch.Tensor, cfg: DataConfig, p: AugParams) -> torch.Ten
     if p.flip:
         x = F.horizontal_flip(x)
     if p.angle:
-        x = F.rotate(x, p.angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
+        mode = (F.InterpolationMode.NEAREST if cfg.rotate_interp == "nearest"
+                else F.InterpolationMode.BILINEAR)
+        x = F.rotate(x, p.angle, interpolation=mode, fill=0)
     x = x.float().div_(255)
     if p.contrast != 1.0 or p.brightness != 1.0:
         x = ((x - 0.5) * p.contrast + 0.5) * p.brightness

@@ -9,42 +9,65 @@ as the CPU loader, so both backends see the same frames and the same draw for a 
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from meld_dali.config import DataConfig
+from meld_dali.transforms import AugParams
 
-# columns of AugParams.as_array()
-CROP_Y, CROP_X, FLIP, ANGLE, BRIGHTNESS, CONTRAST = range(6)
+# columns of `dali_params`
+CROP_Y, CROP_X, FLIP, ANGLE = range(4)
+MEAN, STD = slice(4, 7), slice(7, 10)
 OUTPUTS = ("video", "label", "index", "mask")
 
 
-def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: str = "CFHW"):
-    """The augmentation spec on a sequence (FHWC uint8) with one draw per sample:
-    resize shorter side -> crop -> flip -> rotate -> contrast/brightness -> normalize,
-    returned as `layout` (CFHW for sequences, CHW for single frames) in `dtype`.
-    Eval: resize -> center crop -> normalize."""
-    frames = fn.resize(frames, resize_shorter=cfg.short_side, antialias=True,
-                       interp_type=types.INTERP_LINEAR)
-    size = (cfg.crop_size, cfg.crop_size)
-    if is_training:
-        frames = fn.crop(frames, crop=size, crop_pos_y=params[CROP_Y], crop_pos_x=params[CROP_X],
-                         out_of_bounds_policy="pad", fill_values=0)
-        frames = fn.flip(frames, horizontal=fn.cast(params[FLIP], dtype=types.INT32))
-        frames = fn.rotate(frames, angle=params[ANGLE], keep_size=True, fill_value=0,
+def dali_params(p: AugParams, cfg: DataConfig) -> np.ndarray:
+    """One clip's draw in the form the fused graph applies it (float32 [10]).
+
+    - flip then rotate by a == rotate by -a then flip, so the flip can move into
+      crop_mirror_normalize (one pass over the pixels instead of two);
+    - contrast/brightness b * (c0 + c * (x - c0)) followed by (y - m) / s is one affine map,
+      (x - m') / s' with m' = (m - b * c0 * (1 - c)) / (b * c), s' = s / (b * c): it becomes
+      the per-sample mean/std of the normalization, so colour costs nothing."""
+    c0 = 127.5
+    bc = p.brightness * p.contrast
+    mean = (255 * np.asarray(cfg.mean) - p.brightness * c0 * (1 - p.contrast)) / bc
+    std = 255 * np.asarray(cfg.std) / bc
+    angle = -p.angle if p.flip else p.angle
+    return np.concatenate([[p.crop_y, p.crop_x, float(p.flip), angle], mean, std]
+                          ).astype(np.float32)
+
+
+def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: str = "CFHW",
+            resize: bool = True):
+    """The augmentation spec on a sequence (FHWC uint8) or frame (HWC), one draw per sample:
+    resize shorter side -> crop -> flip -> rotate -> contrast/brightness -> normalize
+    (fused as resize -> crop -> rotate -> flip+colour+normalize, see `dali_params`),
+    returned as `layout` in `dtype`. Eval: resize -> center crop -> normalize.
+    `resize=False` when the input already has the configured shorter side (frame folders)."""
+    if resize:
+        frames = fn.resize(frames, resize_shorter=cfg.short_side, antialias=True,
                            interp_type=types.INTERP_LINEAR)
-        # b * (c0 + c * (x - c0)) with c0 = mid-range: DALI's formula, as the CPU loader's
-        frames = fn.brightness_contrast(frames, brightness=params[BRIGHTNESS],
-                                        contrast=params[CONTRAST], contrast_center=127.5,
-                                        dtype=types.FLOAT)
-    else:
-        frames = fn.crop(frames, crop=size, out_of_bounds_policy="pad", fill_values=0)
-    return fn.crop_mirror_normalize(frames, dtype=dtype, output_layout=layout,
-                                    mean=[255 * m for m in cfg.mean],
-                                    std=[255 * s for s in cfg.std])
+    size = (cfg.crop_size, cfg.crop_size)
+    if not is_training:
+        return fn.crop_mirror_normalize(frames, crop=size, out_of_bounds_policy="pad",
+                                        fill_values=0, dtype=dtype, output_layout=layout,
+                                        mean=[255 * m for m in cfg.mean],
+                                        std=[255 * s for s in cfg.std])
+    frames = fn.crop(frames, crop=size, crop_pos_y=params[CROP_Y], crop_pos_x=params[CROP_X],
+                     out_of_bounds_policy="pad", fill_values=0)
+    if cfg.rotate_deg:  # DALI's warp costs the same at angle 0: leave it out of the graph
+        interp = types.INTERP_NN if cfg.rotate_interp == "nearest" else types.INTERP_LINEAR
+        frames = fn.rotate(frames, angle=params[ANGLE], keep_size=True, fill_value=0,
+                           interp_type=interp)
+    return fn.crop_mirror_normalize(frames, mirror=fn.cast(params[FLIP], dtype=types.INT32),
+                                    mean=params[MEAN], std=params[STD], dtype=dtype,
+                                    output_layout=layout)
 
 
 @pipeline_def(enable_conditionals=False)
-def clip_pipeline(source, cfg: DataConfig, is_training: bool, kind: str, device: str, dtype):
+def clip_pipeline(source, cfg: DataConfig, is_training: bool, kind: str, device: str, dtype,
+                  resize: bool = True):
     """kind 'video': one encoded file per sample, decoded at the given frame indices (out of
     range = padded slots, filled with 0). kind 'frames': one JPEG per sample (B*T samples,
     each carrying its clip's parameters); the loader regroups them into clips."""
@@ -58,7 +81,7 @@ def clip_pipeline(source, cfg: DataConfig, is_training: bool, kind: str, device:
     else:
         frames = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
     video = augment(frames, params, cfg, is_training, dtype,
-                    "CFHW" if kind == "video" else "CHW")
+                    "CFHW" if kind == "video" else "CHW", resize)
     if device == "gpu":
         label, index, mask = label.gpu(), index.gpu(), mask.gpu()
     return video, label, index, mask

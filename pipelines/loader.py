@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline
+from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline, dali_params
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -52,8 +52,8 @@ class ClipSource:
         clip = m.clips[row]
         n = clip["num_frames"]
         idx, mask = clip_indices(n, T, train=s.train, seed=s.seed, epoch=self.epoch, clip=row)
-        params = (draw_params(self.cfg, seed=s.seed, epoch=self.epoch, clip=row)
-                  if s.train else EVAL_PARAMS).as_array()
+        params = dali_params(draw_params(self.cfg, seed=s.seed, epoch=self.epoch, clip=row)
+                             if s.train else EVAL_PARAMS, self.cfg)
         if self.kind == "video":
             encoded = [np.fromfile(m.video_path(clip), dtype=np.uint8)]
             # padded slots ask for frames past the end: the decoder fills them with 0
@@ -146,7 +146,9 @@ class DaliLoader:
             device=self.device, dtype=self.dali_dtype,
             batch_size=self.spec.batch_size * per_clip, num_threads=max(1, self.cfg.workers),
             device_id=(dev.index or 0) if self.device == "gpu" else None,
-            prefetch_queue_depth=max(1, self.cfg.prefetch), seed=self.spec.seed)
+            prefetch_queue_depth=max(1, self.cfg.prefetch), seed=self.spec.seed,
+            resize=not (self.kind == "frames"
+                        and self.spec.manifest.meta.get("short_side") == self.data.short_side))
         with warnings.catch_warnings():
             # eval graphs leave the augmentation parameters unused: expected, not a problem
             warnings.filterwarnings("ignore", message=".*external source node.*")

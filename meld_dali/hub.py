@@ -1,0 +1,128 @@
+"""Versioning on the Hugging Face Hub: the best model, its config, metrics and a model card,
+pushed as one commit. Without a token or network it is skipped with one clear line; an
+upload failure is retried with backoff and never touches the local run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from meld_dali.config import EMOTIONS, HubConfig
+
+log = logging.getLogger("meld_dali.hub")
+
+
+def model_card(repo_id: str, config: dict, metrics: dict, epoch: int) -> str:
+    per_class = metrics.get("per_class", {})
+    rows = "\n".join(f"| {e} | {per_class[e]['precision']:.3f} | {per_class[e]['recall']:.3f} | "
+                     f"{per_class[e]['f1']:.3f} | {per_class[e]['support']} |"
+                     for e in EMOTIONS if e in per_class)
+    t, o, d = config["train"], config["optim"], config["data"]
+
+    def m(key: str) -> str:
+        return f"{metrics[key]:.4f}" if key in metrics else "n/a"
+
+    return f"""---
+tags: [video-classification, emotion-recognition, meld, slowfast, nvidia-dali]
+datasets: [declare-lab/MELD]
+metrics: [accuracy, f1]
+---
+# {repo_id}
+
+SlowFast R50 (pytorchvideo) fine-tuned for utterance-level emotion recognition from video
+on MELD with [meld-dali](https://github.com/), best dev checkpoint (epoch {epoch}).
+
+Classes, in order: {", ".join(f"{i} {e}" for i, e in enumerate(EMOTIONS))}.
+
+## Dev results
+| metric | model | all-neutral baseline |
+|---|---|---|
+| accuracy | {m('accuracy')} | {m('baseline_accuracy')} |
+| weighted F1 | {m('weighted_f1')} | {m('baseline_weighted_f1')} |
+| macro F1 | {m('macro_f1')} | |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+Published video-only results on MELD reach a weighted F1 of about 0.33-0.36.
+
+## Recipe
+{d['num_frames']} frames at {d['crop_size']} px (shorter side {d['short_side']}), batch
+{t['batch_size']} x {t['accum_steps']} accumulation, focal loss (gamma {o['focal_gamma']},
+class weights {o['class_weights']}), AdamW (wd {o['weight_decay']}), OneCycle
+{o['base_lr']} -> {o['max_lr']}, AMP {t['amp']}, progressive unfreezing {t['unfreeze']}.
+Full config: `config.yaml`. Load `model.pt` with `meld-dali predict model.pt VIDEO`.
+"""
+
+
+def inference_state(ckpt: dict) -> dict:
+    """What inference needs from a training checkpoint: no optimizer, no RNG, no loader."""
+    keep = ("format", "version", "emotions", "config", "model", "epoch", "step", "stages")
+    return {k: ckpt[k] for k in keep if k in ckpt}
+
+
+def _token(api) -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return getattr(api, "token", None) or get_token()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
+    """Push run_dir's best checkpoint as one commit to cfg.repo_id. Returns True on success."""
+    if not cfg.repo_id or cfg.push == "never":
+        return False
+    best = Path(run_dir) / "checkpoints" / "best.pt"
+    if not best.exists():
+        log.warning("hub: no best checkpoint in %s yet: nothing to push", run_dir)
+        return False
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    if not _token(api):
+        log.warning("hub: no Hugging Face token (set HF_TOKEN or `huggingface-cli login`): "
+                    "skipping the push to %s", cfg.repo_id)
+        return False
+    from huggingface_hub import CommitOperationAdd
+
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)  # read-only use
+    history = ckpt.get("history") or [{}]
+    metrics = max(history, key=lambda r: r.get("weighted_f1", -1))
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        torch.save(inference_state(ckpt), staged / "model.pt")
+        (staged / "config.yaml").write_text(yaml.safe_dump(ckpt["config"], sort_keys=False))
+        (staged / "metrics.json").write_text(json.dumps(
+            {"best": metrics, "history": history}, indent=2))
+        (staged / "README.md").write_text(model_card(cfg.repo_id, ckpt["config"], metrics,
+                                                     metrics.get("epoch", ckpt["epoch"])))
+        ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+               for p in sorted(staged.iterdir())]
+        for attempt in range(1, cfg.retries + 1):
+            try:
+                api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+                api.create_commit(cfg.repo_id, operations=ops,
+                                  commit_message=f"meld-dali: best of {Path(run_dir).name} "
+                                                 f"(epoch {metrics.get('epoch')}, weighted F1 "
+                                                 f"{metrics.get('weighted_f1', 0):.4f})")
+                log.info("hub: pushed model, config, metrics and card to %s", cfg.repo_id)
+                return True
+            except Exception as e:  # noqa: BLE001 - network trouble: retry, then give up
+                if attempt == cfg.retries:
+                    log.warning("hub: push to %s failed after %d tries (%s); the local run "
+                                "folder is untouched", cfg.repo_id, attempt, e)
+                    return False
+                wait = 2 ** attempt
+                log.warning("hub: push failed (%s); retrying in %ds", e, wait)
+                sleep(wait)
+    return False

@@ -1,0 +1,140 @@
+"""Using a trained model: load a checkpoint for inference, score a split (`evaluate`, with
+optional multi-view testing), and predict the emotion of arbitrary video files (`predict`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meld_dali.checkpoint import load_checkpoint
+from meld_dali.config import EMOTIONS, Config, from_dict
+from meld_dali.data import LoaderSpec, build_loader, read_video_frames, resolve_backend, use_frames
+from meld_dali.errors import UserError
+from meld_dali.launch import open_manifest, pick_device
+from meld_dali.manifest import Manifest, count_decoded
+from meld_dali.metrics import classification_metrics
+from meld_dali.model import SlowFastMELD
+from meld_dali.sampling import sample_indices
+from meld_dali.trainer import Dist, predict_loader
+from meld_dali.transforms import AugParams, apply_clip
+
+
+@dataclass
+class Loaded:
+    model: SlowFastMELD
+    cfg: Config
+    ckpt: dict
+    device: torch.device
+
+
+def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
+    """Weights and config only (no optimizer); a GPU-made checkpoint loads on the CPU."""
+    ckpt = load_checkpoint(path)
+    if list(ckpt.get("emotions", EMOTIONS)) != list(EMOTIONS):
+        raise UserError(f"{path}: trained with classes {ckpt['emotions']}, expected {EMOTIONS}")
+    cfg = from_dict(ckpt["config"], where=str(path))
+    cfg.model.pretrained = ""  # the checkpoint holds every weight: no download
+    dev = pick_device(device)
+    model = SlowFastMELD(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    return Loaded(model.to(dev).eval(), cfg, ckpt, dev)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str = "auto",
+             views: tuple[int, int] | None = None) -> dict:
+    """Metrics of a split. `views=(temporal, spatial)` adds PySlowFast-style multi-view
+    testing (softmax averaged over views per clip), reported beside the single view."""
+    cfg = loaded.cfg
+    root = data or cfg.data.root
+    if not root:
+        raise UserError("no data: pass --data (the checkpoint's config names none)")
+    manifest = open_manifest(root)
+    frames = use_frames(manifest, cfg.data.source)
+    backend = resolve_backend(backend, manifest, split, frames)
+    spec = LoaderSpec(manifest, split, False, cfg.train.batch_size, cfg.train.seed,
+                      device=loaded.device, use_frames=frames)
+    loader = build_loader(spec, cfg.data, cfg.loader, backend)
+    labels, probs, rows = predict_loader(loaded.model, loader, loaded.device, None, Dist())
+    result = {"split": split, "backend": backend, "checkpoint_epoch": loaded.ckpt["epoch"],
+              **classification_metrics(labels, probs.argmax(1))}
+    if views:
+        mv = multi_view_probs(loaded, manifest, rows.tolist(), frames, *views)
+        result["multi_view"] = {"views": {"temporal": views[0], "spatial": views[1]},
+                                **classification_metrics(labels, mv.argmax(1))}
+    return result
+
+
+def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
+    """k crops along the longer side (3 = start, centre, end), like PySlowFast's test."""
+    pos = [0.5] if k == 1 else [i / (k - 1) for i in range(k)]
+    return [AugParams(crop_x=p) if w >= h else AugParams(crop_y=p) for p in pos]
+
+
+@torch.no_grad()
+def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], frames: bool,
+                     temporal: int, spatial: int) -> np.ndarray:
+    from meld_dali.data import read_frame_folder
+
+    cfg, out = loaded.cfg.data, []
+    for row in rows:
+        clip = manifest.clips[row]
+        views, masks = [], []
+        for t in range(temporal):
+            idx, mask = sample_indices(clip["num_frames"], cfg.num_frames, train=False,
+                                       position=(t + 0.5) / temporal)
+            if frames:
+                raw = read_frame_folder(manifest.frames_path(clip), idx[mask])
+            else:
+                raw = read_video_frames(manifest.video_path(clip), idx[mask])
+            x = torch.from_numpy(raw).permute(0, 3, 1, 2)
+            h, w = x.shape[-2:]
+            short = cfg.short_side
+            h2, w2 = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+            for p in spatial_params(h2, w2, spatial):
+                views.append(_pad(apply_clip(x, cfg, p), cfg.num_frames))
+                masks.append(torch.from_numpy(mask))
+        probs = _probs(loaded, torch.stack(views), torch.stack(masks))
+        out.append(probs.mean(0))
+    return torch.stack(out).numpy()
+
+
+def _pad(video: torch.Tensor, T: int) -> torch.Tensor:
+    out = torch.zeros(video.shape[0], T, *video.shape[2:])
+    out[:, : video.shape[1]] = video
+    return out
+
+
+def _probs(loaded: Loaded, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = loaded.model(video.to(loaded.device), mask.to(loaded.device))
+    return logits.float().softmax(-1).cpu()
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@torch.no_grad()
+def predict_file(loaded: Loaded, path: str | Path) -> dict:
+    """Emotion and the 7 probabilities of one video file (any length, fps, size)."""
+    cfg = loaded.cfg.data
+    try:
+        n = count_decoded(str(path))
+        if n == 0:
+            raise ValueError("no video frames")
+        idx, mask = sample_indices(n, cfg.num_frames, train=False)
+        raw = read_video_frames(path, idx[mask])
+    except Exception as e:  # noqa: BLE001 - one bad file never stops the others
+        return {"path": str(path), "error": f"cannot read video: {type(e).__name__}: {e}"}
+    video = _pad(apply_clip(torch.from_numpy(raw).permute(0, 3, 1, 2), cfg, AugParams()),
+                 cfg.num_frames)
+    mask_t = torch.zeros(cfg.num_frames, dtype=torch.bool)
+    mask_t[: raw.shape[0]] = True
+    probs = _probs(loaded, video[None], mask_t[None])[0]
+    return {"path": str(path), "emotion": EMOTIONS[int(probs.argmax())],
+            "probabilities": {e: float(p) for e, p in zip(EMOTIONS, probs, strict=True)},
+            "frames": n}

@@ -1,0 +1,86 @@
+"""evaluate and predict with a tiny trained checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from meld_dali.inference import evaluate, load_for_inference, predict_file
+from meld_dali.launch import run_training
+from meld_dali.synth import render_clip, write_video
+
+
+@pytest.fixture(scope="module")
+def run(synth_root, tmp_path_factory):
+    from meld_dali.config import load_config
+
+    cfg = load_config("demo", [
+        "data.num_frames=4", "train.batch_size=4", "train.epochs=1", "loader.workers=0",
+        "model.hidden=[32, 16]", "loader.backend=torch", "train.max_steps_per_epoch=2",
+        f"data.root={synth_root}"])
+    d = tmp_path_factory.mktemp("inf") / "run"
+    run_training(cfg, d)
+    return d
+
+
+def test_evaluate_matches_the_trainers_last_eval(run, synth_root):
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    loaded = load_for_inference(run / "checkpoints" / "last.pt", "cpu")
+    assert "optimizer" in loaded.ckpt  # a full training checkpoint loads for inference
+    result = evaluate(loaded, None, "dev", backend="torch")
+    for key in ("accuracy", "macro_f1", "weighted_f1", "baseline_weighted_f1", "confusion",
+                "per_class"):
+        assert result[key] == last[key], key
+
+
+def test_multi_view_is_reported_beside_single_view(run, synth_root):
+    loaded = load_for_inference(run / "checkpoints" / "best.pt", "cpu")
+    result = evaluate(loaded, synth_root, "dev", backend="torch", views=(2, 3))
+    mv = result["multi_view"]
+    assert mv["views"] == {"temporal": 2, "spatial": 3} and mv["n"] == result["n"]
+    assert 0 <= mv["weighted_f1"] <= 1
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])
+def test_predict_any_codec_size_and_length(run, tmp_path, codec):
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"clip.{'webm' if codec == 'vp9' else 'mp4'}"
+    if codec == "mjpeg":
+        path = tmp_path / "clip.avi"
+    write_video(path, render_clip(3, 50, 96, 72, rng), codec, fps=30)
+    loaded = load_for_inference(run / "checkpoints" / "best.pt", "cpu")
+    r = predict_file(loaded, path)
+    assert "error" not in r, r
+    assert len(r["probabilities"]) == 7 and r["frames"] == 50
+    assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert r["emotion"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+def test_predict_cli_reports_bad_files_and_predicts_the_rest(run, tmp_path):
+    good = tmp_path / "good.mp4"
+    write_video(good, render_clip(1, 3, 64, 48, np.random.default_rng(1)), "h264")  # 3 frames
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    r = subprocess.run([sys.executable, "-m", "meld_dali", "predict",
+                        str(run / "checkpoints" / "best.pt"), str(good), str(bad),
+                        str(tmp_path / "absent.mp4"), "--json", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert [o["path"] for o in out] == [str(good), str(bad), str(tmp_path / "absent.mp4")]
+    assert "probabilities" in out[0] and "error" in out[1] and "error" in out[2]
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_cli_json(run, synth_root, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "meld_dali", "evaluate",
+                        str(run / "checkpoints" / "best.pt"), "--split", "test", "--backend",
+                        "torch", "--json", str(tmp_path / "e.json"), "--png",
+                        str(tmp_path / "c.png"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["split"] == "test" and result["n"] > 0
+    assert (tmp_path / "c.png").exists()

@@ -1,0 +1,104 @@
+"""W&B (real, offline) and HF Hub (a recording stand-in for HfApi: the Hub is unreachable)."""
+
+import hashlib
+import io
+import logging
+
+import pytest
+import torch
+
+from meld_dali import hub
+from meld_dali.checkpoint import load_checkpoint
+from meld_dali.config import HubConfig
+from meld_dali.launch import run_training
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_root, tmp_path_factory):
+    from meld_dali.config import load_config
+
+    cfg = load_config("demo", [
+        "data.num_frames=4", "train.batch_size=4", "train.epochs=2", "loader.workers=0",
+        "model.hidden=[32, 16]", "loader.backend=torch", "train.max_steps_per_epoch=2",
+        f"data.root={synth_root}", "tracking.wandb=true", "tracking.mode=offline",
+        "train.keep_last=2"])
+    run = tmp_path_factory.mktemp("wb") / "run"
+    result = run_training(cfg, run)
+    return run, result
+
+
+def test_wandb_offline_run_holds_the_metrics(trained_run):
+    run, _ = trained_run
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"train/loss_avg", b"train/lr", b"train/grad_norm", b"dev/weighted_f1",
+                b"dev/confusion", b"dev/predictions"):
+        assert key in data, key
+    assert b"focal_gamma" in data  # the config went in too
+
+
+def test_keep_last_keeps_k_step_copies(trained_run):
+    run, _ = trained_run
+    assert len(list((run / "checkpoints").glob("step*.pt"))) == 2
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi (no Hub here); fails the first `fail` calls."""
+
+    def __init__(self, fail=0, token="hf_test"):
+        self.token, self.fail = token, fail
+        self.commits, self.repos = [], []
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.repos.append((repo_id, private))
+
+    def create_commit(self, repo_id, operations, commit_message):
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("network down")
+        files = {}
+        for op in operations:
+            with open(op.path_or_fileobj, "rb") as f:
+                files[op.path_in_repo] = f.read()
+        self.commits.append((repo_id, files, commit_message))
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hub_push_is_one_commit_with_the_expected_files(trained_run):
+    run, _ = trained_run
+    api = RecordingApi(fail=1)
+    waits = []
+    ok = hub.push(HubConfig(repo_id="me/meld-sf"), run, api=api, sleep=waits.append)
+    assert ok and waits == [2] and len(api.commits) == 1
+    repo, files, msg = api.commits[0]
+    assert repo == "me/meld-sf" and set(files) == {"model.pt", "config.yaml", "metrics.json",
+                                                   "README.md"}
+    card = files["README.md"].decode()
+    assert "weighted F1" in card and "all-neutral" in card and "neutral" in card
+    model = torch.load(io.BytesIO(files["model.pt"]), weights_only=False)
+    assert "optimizer" not in model and "rng" not in model and model["emotions"][0] == "neutral"
+    assert set(model["model"]) == set(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
+
+
+def test_hub_failure_never_touches_local_files(trained_run, caplog):
+    run, _ = trained_run
+    before = {p.name: digest(p) for p in (run / "checkpoints").glob("*.pt")}
+    with caplog.at_level(logging.WARNING):
+        ok = hub.push(HubConfig(repo_id="me/x", retries=3), run, api=RecordingApi(fail=9),
+                      sleep=lambda s: None)
+    assert not ok and "failed after 3 tries" in caplog.text
+    assert before == {p.name: digest(p) for p in (run / "checkpoints").glob("*.pt")}
+
+
+def test_hub_without_token_is_skipped_with_one_line(trained_run, caplog, monkeypatch):
+    run, _ = trained_run
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("HF_HOME", str(run / "no-hf-home"))
+    api = RecordingApi(token=None)
+    with caplog.at_level(logging.WARNING):
+        assert hub.push(HubConfig(repo_id="me/x"), run, api=api) is False
+    assert "no Hugging Face token" in caplog.text and not api.commits
