@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--quick", action="store_true", help="skip torch.compile runs")
+    ap.add_argument("--data-dir", type=Path, default=Path("/tmp/meld-dali-gpu-check"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
 
     results: dict = {"env": environment()}
     t0 = time.time()
-    root = args.out.parent / "gpu-check-data"
-    synth(root, SynthSpec(clips=64, codec="h264", width=352, height=288, seed=0))
+    root = args.data_dir
+    synth(root, SynthSpec(clips=96, codec="h264", width=320, height=240, seed=0))
     manifest, _ = prepare(root, frames=root / "frames", short_side=256, workers=8)
     results["synth_prepare_s"] = time.time() - t0
 
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
                                                  "train.compile=true"]))
     for tag, over in variants:
         def train_bench(tag=tag, over=over):
-            cfg = load_config("seed", ["loader.workers=8", "model.pretrained=", *over])
+            cfg = load_config("seed", ["loader.workers=8", "model.pretrained=",
+                                       "train.batch_size=8", *over])
             rep = bench_train(cfg, manifest, ["synthetic", "dali-gpu", "torch"], steps=5,
                               warmup=2, run_dir=args.out / f"run-{tag}")
             write_json(rep, args.out / f"bench_train_{tag}.json")
