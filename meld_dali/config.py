@@ -226,6 +226,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
         )
     value = _coerce(f"{section}.{key}", value, fields[key])
     choices = CHOICES.get(f"{section}.{key}")
+    if choices and value == "false" and "off" in choices:
+        value = "off"  # YAML 1.1 reads a bare `off` as the boolean false
     if choices and value not in choices:
         raise UserError(f"{where}: config key '{section}.{key}' must be one of {choices}, "
                         f"got {value!r}")

@@ -339,7 +339,13 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(seed)
         video = torch.randn(n, 3, num_frames, size, size, generator=g)
         mask = torch.ones(n, num_frames, dtype=torch.bool)
-        return cls(video, mask, torch.randint(0, 7, (n,), generator=g), batch_size, **kw)
+        label = torch.randint(0, 7, (n,), generator=g)
+        # made once, already where the model runs: no copy per step (bench: model alone)
+        dev, dtype = kw.get("device", "cpu"), kw.get("dtype") or video.dtype
+        video = video.to(dev, dtype)
+        if kw.get("channels_last"):
+            video = video.contiguous(memory_format=torch.channels_last_3d)
+        return cls(video, mask.to(dev), label.to(dev), batch_size, **kw)
 
     @property
     def num_clips(self) -> int:
@@ -356,7 +362,7 @@ class SyntheticLoader:
         while self.consumed < self.num_clips:
             s = slice(self.consumed, self.consumed + self.batch_size)
             self.consumed = min(self.consumed + self.batch_size, self.num_clips)
-            idx = torch.arange(self.num_clips)[s]
+            idx = torch.arange(self.num_clips, device=self.label.device)[s]
             yield Batch(self.video[s], self.mask[s], self.label[s], idx).to(
                 self.device, self.dtype, self.channels_last)
         self.epoch, self.consumed = self.epoch + 1, 0

@@ -68,6 +68,7 @@ class SlowFastMELD(nn.Module):
         # blocks 0-4: stem, res2..res5 (each a two-pathway stage with its fusion).
         # pytorchvideo's own pool + head (fixed 224-px kernels) are replaced by ours.
         self.blocks = nn.ModuleList(net.blocks[:5])
+        _plain_ints(self.blocks)
         self.head = Head(FEATURES, cfg.hidden, cfg.dropout, cfg.num_classes)
         self.alpha = cfg.alpha
         self.trainable: set[str] = set(STAGES)
@@ -148,6 +149,16 @@ def _fetch_state(source: str, cache_dir: str) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def _plain_ints(module: nn.Module) -> None:
+    """pytorchvideo builds some conv/pool strides from numpy ints; torch.compile turns those
+    into tensor reads (a graph break per block). Make them Python ints."""
+    for m in module.modules():
+        for attr in ("stride", "padding", "dilation", "kernel_size"):
+            v = getattr(m, attr, None)
+            if isinstance(v, tuple) and any(type(x) is not int for x in v):
+                setattr(m, attr, tuple(int(x) for x in v))
 
 
 def build_model(cfg: ModelConfig) -> SlowFastMELD:

