@@ -53,10 +53,26 @@ def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict
             "repeats": repeats, "batches": batches, **mon.summary()}
 
 
+def soak(loader, epochs: int) -> dict:
+    """Full epochs through a loader, the process tree's RSS after each: a leak shows as
+    growth after the first epoch (which includes start-up allocations)."""
+    mon = ResourceMonitor()
+    rss = []
+    for _ in range(epochs):
+        for _ in loader:
+            pass
+        mon._sample()
+        rss.append(mon.peak_rss / 2**20)
+        mon.peak_rss = 0
+    return {"rss_mb_per_epoch": rss,
+            "rss_growth_mb": rss[-1] - rss[min(1, len(rss) - 1)] if rss else 0.0}
+
+
 def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                  backends: list[str], sources: list[str], *, batches: int = 10,
                  repeats: int = 3, warmup: int = 2, batch_size: int = 8, split: str = "train",
-                 device: torch.device | None = None, progress=None) -> dict:
+                 device: torch.device | None = None, progress=None,
+                 soak_epochs: int = 0) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results, unavailable = [], []
     task = progress.add_task("bench loader", total=len(backends) * len(sources)) \
@@ -75,6 +91,8 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                 loader = build_loader(spec, data, loader_cfg, backend)
                 row = {"backend": backend, "source": source,
                        **time_loader(loader, batches, repeats, warmup, device)}
+                if soak_epochs:
+                    row["soak"] = soak(loader, soak_epochs)
                 del loader
                 results.append(row)
             if progress:
@@ -100,8 +118,9 @@ def render_table(report: dict):
                     f"{report['settings']['batch_size']}, {report['settings']['workers']} "
                     f"workers/threads, T={report['settings']['num_frames']}, "
                     f"{report['settings']['crop_size']} px)")
+    soaked = any("soak" in r for r in report["results"])
     for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch", "CPU util",
-                "peak RSS MB", "GPU mem MB"):
+                "peak RSS MB", "GPU mem MB") + (("RSS growth MB",) if soaked else ()):
         t.add_column(col, justify="left" if col in ("backend", "source") else "right")
     for r in report["results"]:
         t.add_row(r["backend"], r["source"], f"{r['clips_per_s']:.1f}",
@@ -109,10 +128,11 @@ def render_table(report: dict):
                   f"{r['frames_per_s']:.0f}",
                   f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-",
                   f"{r['cpu_util']:.0%}", f"{r['peak_rss_mb']:.0f}",
-                  f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
+                  f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
+                  *((f"{r['soak']['rss_growth_mb']:+.0f}",) if soaked else ()))
     for u in report["unavailable"]:
-        t.add_row(u["backend"], u["source"], "-", "-", "-", "-", "-", "-",
-                  f"n/a: {u['reason']}"[:60])
+        t.add_row(u["backend"], u["source"], f"n/a: {u['reason']}",
+                  *["-"] * (len(t.columns) - 3))
     return t
 
 

@@ -110,5 +110,5 @@ def render_table(report: dict):
                   r["verdict"], f"{r['peak_rss_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
     for u in report["unavailable"]:
-        t.add_row(u["backend"], "-", "-", f"n/a: {u['reason']}"[:60], "-", "-")
+        t.add_row(u["backend"], "-", "-", f"n/a: {u['reason']}", "-", "-")
     return t

@@ -252,7 +252,9 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                  set_: list[str] = typer.Option([], "--set", help="override: section.key=v"),
                  json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
                  plot: Path = typer.Option(None, help="write a bar chart PNG"),
-                 save: bool = typer.Option(False, "--save", help="also write bench/results/")):
+                 save: bool = typer.Option(False, "--save", help="also write bench/results/"),
+                 soak_epochs: int = typer.Option(0, help="memory soak: full epochs per "
+                                                 "backend, RSS per epoch")):
     """Loader throughput per backend on the same manifest."""
     from meld_dali.bench.loader import bench_loader as run
     from meld_dali.bench.loader import plot as draw
@@ -263,7 +265,8 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
     manifest = bench_data(data, cfg)
     with progress() as p:
         report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
-                     batches=batches, repeats=repeats, batch_size=batch_size, progress=p)
+                     batches=batches, repeats=repeats, batch_size=batch_size, progress=p,
+                     soak_epochs=soak_epochs)
     out.print(render_table(report))
     save_report(report, "loader", "uint8-fp32", json_out, save)
     if plot:

@@ -195,24 +195,16 @@ class LoaderSpec:
     use_frames: bool = False
 
 
-class TorchLoader:
-    """CPU fallback: torch DataLoader over ClipDataset, yielding Batch on the device."""
+class ClipLoader:
+    """What every backend shares: the clip order of this rank and the position in it
+    (epoch, clips consumed), which is all a resume needs, and the failure report."""
 
-    backend = "torch"
+    backend = "?"
 
-    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig):
+    def __init__(self, spec: LoaderSpec):
         self.spec = spec
-        rows = spec.manifest.ok(spec.split)
-        self.order = ClipOrder(rows, train=spec.train, seed=spec.seed,
+        self.order = ClipOrder(spec.manifest.ok(spec.split), train=spec.train, seed=spec.seed,
                                batch_size=spec.batch_size, rank=spec.rank, world=spec.world)
-        ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
-                         use_frames=spec.use_frames)
-        workers = max(0, cfg.workers)
-        self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=self.order,
-                             collate_fn=collate, num_workers=workers,
-                             pin_memory=spec.device.type == "cuda",
-                             persistent_workers=workers > 0,
-                             prefetch_factor=cfg.prefetch if workers > 0 else None)
         self.epoch, self.consumed = 0, 0
         self.failures: list[ClipFailure] = []
 
@@ -227,18 +219,6 @@ class TorchLoader:
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
-    def __iter__(self) -> Iterator[Batch]:
-        self.order.epoch, self.order.skip = self.epoch, self.consumed
-        s = self.spec
-        for batch, failures in self.dl:
-            self.consumed += len(failures) + (len(batch) if batch is not None else 0)
-            for f in failures:
-                self.report(f)
-            if batch is not None:
-                yield batch.to(s.device, s.dtype, s.channels_last)
-        # the pass is complete: the next epoch starts from its beginning
-        self.epoch, self.consumed = self.epoch + 1, 0
-
     def report(self, f: ClipFailure) -> None:
         self.failures.append(f)
         log.warning("skipped clip %s (manifest row %d): %s", f.path, f.index, f.error)
@@ -251,6 +231,38 @@ class TorchLoader:
             raise UserError(f"loader state was saved with seed {sd['seed']}, "
                             f"this run uses {self.spec.seed}")
         self.epoch, self.consumed = int(sd["epoch"]), int(sd["consumed"])
+
+
+class TorchLoader(ClipLoader):
+    """CPU fallback: torch DataLoader over ClipDataset, yielding Batch on the device."""
+
+    backend = "torch"
+
+    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig):
+        super().__init__(spec)
+        ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
+                         use_frames=spec.use_frames)
+        workers = max(0, cfg.workers)
+        # its own generator: creating an iterator must not draw from the global torch RNG,
+        # or a resumed run would see different dropout masks than an uninterrupted one
+        self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=self.order,
+                             collate_fn=collate, num_workers=workers,
+                             pin_memory=spec.device.type == "cuda",
+                             persistent_workers=workers > 0,
+                             prefetch_factor=cfg.prefetch if workers > 0 else None,
+                             generator=torch.Generator().manual_seed(spec.seed))
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.order.epoch, self.order.skip = self.epoch, self.consumed
+        s = self.spec
+        for batch, failures in self.dl:
+            self.consumed += len(failures) + (len(batch) if batch is not None else 0)
+            for f in failures:
+                self.report(f)
+            if batch is not None:
+                yield batch.to(s.device, s.dtype, s.channels_last)
+        # the pass is complete: the next epoch starts from its beginning
+        self.epoch, self.consumed = self.epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------- selection

@@ -12,17 +12,17 @@ from meld_dali.manifest import STATUSES
 def print_report(report: dict, console: Console) -> None:
     if report.get("reused"):
         console.print(f"manifest up to date (inputs unchanged): {report['manifest']}")
-    t = Table(title="MELD manifest: usable clips per split and class")
-    t.add_column("split")
-    for e in EMOTIONS:
-        t.add_column(e, justify="right")
-    for s in STATUSES:
-        t.add_column(s, justify="right")
-    t.add_column("< 32 frames", justify="right")
+    classes = Table(title="usable (ok) clips per split and class")
+    status = Table(title="clip status per split")
+    for t, cols in ((classes, [*EMOTIONS, "total"]), (status, [*STATUSES, "< 32 frames"])):
+        t.add_column("split")
+        for c in cols:
+            t.add_column(c, justify="right")
     for split, c in report["splits"].items():
-        t.add_row(split, *[str(c["ok_per_class"][e]) for e in EMOTIONS],
-                  *[str(c[s]) for s in STATUSES], str(c["short_clips"]))
-    console.print(t)
+        classes.add_row(split, *[str(c["ok_per_class"][e]) for e in EMOTIONS], str(c["ok"]))
+        status.add_row(split, *[str(c[s]) for s in STATUSES], str(c["short_clips"]))
+    console.print(classes)
+    console.print(status)
     for p in report["problems"]:
         console.print(f"[yellow]{p['status']}[/yellow] {p['split']} {p['clip']}: {p['path']} "
                       f"({p['reason']})", highlight=False, soft_wrap=True)

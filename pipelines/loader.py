@@ -22,7 +22,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data import Batch, ClipDataset, ClipFailure, ClipOrder, LoaderSpec, collate
+from meld_dali.data import Batch, ClipDataset, ClipFailure, ClipLoader, LoaderSpec, collate
 from meld_dali.sampling import clip_indices
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
@@ -98,42 +98,17 @@ class ClipSource:
         return out
 
 
-class DaliLoader:
+class DaliLoader(ClipLoader):
     """Yields Batch from a DALI pipeline (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
-    'cpu' = DALI's CPU operators). Same interface as data.TorchLoader."""
+    'cpu' = DALI's CPU operators). Same interface and position as data.TorchLoader."""
 
     def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, device: str):
-        self.spec, self.data, self.cfg, self.device = spec, data, cfg, device
+        super().__init__(spec)
+        self.data, self.cfg, self.device = data, cfg, device
         self.backend = f"dali-{device}"
         self.kind = "frames" if spec.use_frames else "video"
-        self.order = ClipOrder(spec.manifest.ok(spec.split), train=spec.train, seed=spec.seed,
-                               batch_size=spec.batch_size, rank=spec.rank, world=spec.world)
-        self.epoch, self.consumed = 0, 0
-        self.failures: list[ClipFailure] = []
         self.out_dtype = spec.dtype
         self.dali_dtype = DALI_DTYPES.get(spec.dtype, types.FLOAT)
-
-    # same bookkeeping as TorchLoader
-    @property
-    def num_clips(self) -> int:
-        return len(self.order.order(self.epoch))
-
-    def __len__(self) -> int:
-        return -(-self.num_clips // self.spec.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.spec.seed}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.epoch, self.consumed = int(sd["epoch"]), int(sd["consumed"])
-
-    def report(self, f: ClipFailure) -> None:
-        self.failures.append(f)
-        log.warning("skipped clip %s (manifest row %d): %s", f.path, f.index, f.error)
 
     # ------------------------------------------------------------------ pipeline
 

@@ -21,7 +21,8 @@ def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
     pytest.importorskip("nvidia.dali")
     cfg = load_config("demo", ["data.num_frames=8", "loader.workers=2"])
     report = bench_loader(Manifest.load(synth_vp9), cfg.data, cfg.loader, BACKENDS,
-                          ["video", "frames"], batches=2, repeats=2, warmup=1, batch_size=4)
+                          ["video", "frames"], batches=2, repeats=2, warmup=1, batch_size=4,
+                          soak_epochs=2)
     assert {"torch", "python", "cores", "cpu", "gpu", "dali"} <= set(report["env"])
     ran = {(r["backend"], r["source"]) for r in report["results"]}
     assert {("torch", "video"), ("torch", "frames"), ("dali-cpu", "video"),
@@ -31,6 +32,7 @@ def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
             assert key in r
         assert r["clips_per_s"] > 0 and r["peak_rss_mb"] > 50
         assert r["clips_per_s_min"] <= r["clips_per_s"] <= r["clips_per_s_max"]
+        assert len(r["soak"]["rss_mb_per_epoch"]) == 2 and min(r["soak"]["rss_mb_per_epoch"]) > 50
         assert r["vs_torch"] == pytest.approx(
             r["clips_per_s"] / next(x["clips_per_s"] for x in report["results"]
                                     if x["backend"] == "torch" and x["source"] == r["source"]))
@@ -42,6 +44,7 @@ def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
     console.print(render_table(report))
     text = console.export_text()
     assert "dali-cpu" in text and "vs torch" in text and "1.00x" in text
+    assert "RSS growth MB" in text
     plot(report, tmp_path / "loader.png")
     assert (tmp_path / "loader.png").read_bytes()[:4] == b"\x89PNG"
     name = result_path("loader", "uint8-fp32", report["env"]).name
