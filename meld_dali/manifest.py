@@ -325,7 +325,7 @@ def build_report(m: Manifest, bad_rows: list[dict], unlabelled: list[str]) -> di
                          "ok_per_class": {e: ok.get(e, 0) for e in EMOTIONS},
                          "short_clips": sum(1 for c in in_split if c["status"] == "ok"
                                             and c["num_frames"] < 32)}
-    problems = [{"split": c["split"], "clip": c["clip_id"], "path": str(m.base / c["path"]),
+    problems = [{"split": c["split"], "clip": c["clip_id"], "path": str(m.video_path(c)),
                  "status": c["status"], "reason": c["reason"]}
                 for c in m.clips if c["status"] != "ok"]
     return {"manifest": str(m.path), "splits": counts, "problems": problems,
