@@ -57,27 +57,52 @@ class ClipFailure:
 # ----------------------------------------------------------------------------- decoding
 
 
-def read_video_frames(path: str | Path, indices: np.ndarray) -> np.ndarray:
-    """Decode the frames at sorted `indices` (uint8 [k, H, W, 3]); stops at the last one.
+SEEK_GAP = 96  # frames: skipping more than this many pays for a seek to a keyframe
 
-    Frames a lying container does not actually hold are returned as fewer rows."""
-    wanted = indices.tolist()
+
+def read_video_frames(path: str | Path, indices: np.ndarray,
+                      seek_gap: int = SEEK_GAP) -> np.ndarray:
+    """Decode the frames at sorted `indices` (uint8 [k, H, W, 3]).
+
+    Decoding streams forward and stops at the last wanted frame; across a gap of more than
+    `seek_gap` frames (MELD's long outliers) it seeks to the keyframe before the next
+    wanted frame and numbers frames by their timestamps from there. Frames a lying container
+    does not actually hold are returned as fewer rows."""
+    wanted = [int(i) for i in indices]
     out: list[np.ndarray] = []
-    last = wanted[-1]
-    j = 0
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         stream.thread_type = "AUTO"
-        for i, frame in enumerate(c.decode(stream)):
-            if i == wanted[j]:
-                img = frame.to_ndarray(format="rgb24")
-                while j < len(wanted) and wanted[j] == i:  # repeated index (never in the spec)
-                    out.append(img)
+        rate, tb = stream.average_rate, stream.time_base
+        ticks = float(1 / (rate * tb)) if rate and tb else None  # pts ticks per frame
+        t0 = stream.start_time or 0
+        frames = c.decode(stream)
+        pos, j, by_pts, sought = -1, 0, False, -1
+
+        def worth_seeking() -> bool:  # far ahead, and not the frame just sought
+            return bool(ticks) and wanted[j] - pos > seek_gap and wanted[j] != sought
+
+        while j < len(wanted):
+            if worth_seeking():
+                sought = wanted[j]
+                c.seek(t0 + int(sought * ticks), stream=stream, backward=True)
+                frames, by_pts = c.decode(stream), True
+            decoded = False
+            for frame in frames:
+                decoded = True
+                pos = (round((frame.pts - t0) / ticks) if by_pts and frame.pts is not None
+                       else pos + 1)
+                while j < len(wanted) and wanted[j] < pos:  # overshot: not in the file
                     j += 1
-                if j == len(wanted):
+                if j < len(wanted) and wanted[j] == pos:
+                    img = frame.to_ndarray(format="rgb24")
+                    while j < len(wanted) and wanted[j] == pos:
+                        out.append(img)
+                        j += 1
+                if j == len(wanted) or worth_seeking():
                     break
-            if i >= last:
-                break
+            if not decoded:
+                break  # end of stream
     if not out:
         raise ValueError("no frame could be decoded")
     return np.stack(out)

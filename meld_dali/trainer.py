@@ -239,6 +239,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
+        if self.dist.world > 1:
+            # BatchNorm running statistics drift apart per rank (DDP runs with
+            # broadcast_buffers=False): evaluate every shard with rank 0's, the checkpoint's
+            import torch.distributed as tdist
+
+            for buf in self.model.buffers():
+                tdist.broadcast(buf, src=0)
         labels, probs, rows = predict_loader(self.eval_net, self.eval_loader, self.device,
                                              self.amp_dtype, self.dist)
         pred = probs.argmax(1)
