@@ -45,10 +45,6 @@ def progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def not_implemented(what: str) -> None:
-    raise UserError(f"`meld-dali {what}` is not implemented yet")
-
-
 @app.command()
 def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset into"),
           clips: int = typer.Option(300, help="labelled clips over all splits"),
