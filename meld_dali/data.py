@@ -114,6 +114,18 @@ def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
                      for i in indices.tolist()])
 
 
+def to_clip(frames: np.ndarray, cfg: DataConfig, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded uint8 [k, H, W, 3] frames -> (video [3, T, S, S] transformed and normalized,
+    exactly 0 in the T - k padded slots; mask bool [T], True for the k real frames)."""
+    x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), cfg, params)
+    k = x.shape[1]
+    video = torch.zeros(3, cfg.num_frames, cfg.crop_size, cfg.crop_size)
+    video[:, :k] = x
+    mask = torch.zeros(cfg.num_frames, dtype=torch.bool)
+    mask[:k] = True
+    return video, mask
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -132,9 +144,8 @@ class ClipDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         epoch, row = item
         clip = self.m.clips[row]
-        T = self.cfg.num_frames
-        idx, mask = clip_indices(clip["num_frames"], T, train=self.train, seed=self.seed,
-                                 epoch=epoch, clip=row)
+        idx, mask = clip_indices(clip["num_frames"], self.cfg.num_frames, train=self.train,
+                                 seed=self.seed, epoch=epoch, clip=row)
         real = idx[mask]
         path = self.m.frames_path(clip) if self.use_frames else self.m.video_path(clip)
         try:
@@ -143,12 +154,7 @@ class ClipDataset(Dataset):
             return ClipFailure(row, str(path), f"{type(e).__name__}: {e}")
         params = (draw_params(self.cfg, seed=self.seed, epoch=epoch, clip=row)
                   if self.train else EVAL_PARAMS)
-        x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), self.cfg, params)
-        k = x.shape[1]
-        video = torch.zeros(3, T, self.cfg.crop_size, self.cfg.crop_size)
-        video[:, :k] = x  # padded slots stay exactly 0
-        mask = torch.zeros(T, dtype=torch.bool)
-        mask[:k] = True
+        video, mask = to_clip(frames, self.cfg, params)
         return video, mask, clip["label"], row
 
 

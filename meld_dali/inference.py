@@ -11,7 +11,15 @@ import torch
 
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, Config, from_dict
-from meld_dali.data import LoaderSpec, build_loader, read_video_frames, resolve_backend, use_frames
+from meld_dali.data import (
+    LoaderSpec,
+    build_loader,
+    read_frame_folder,
+    read_video_frames,
+    resolve_backend,
+    to_clip,
+    use_frames,
+)
 from meld_dali.errors import UserError
 from meld_dali.launch import open_manifest, pick_device
 from meld_dali.manifest import Manifest, count_decoded
@@ -19,7 +27,7 @@ from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.sampling import sample_indices
 from meld_dali.trainer import Dist, predict_loader
-from meld_dali.transforms import AugParams, apply_clip
+from meld_dali.transforms import EVAL_PARAMS, AugParams
 
 
 @dataclass
@@ -79,35 +87,20 @@ def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
 @torch.no_grad()
 def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], frames: bool,
                      temporal: int, spatial: int) -> np.ndarray:
-    from meld_dali.data import read_frame_folder
-
     cfg, out = loaded.cfg.data, []
     for row in rows:
         clip = manifest.clips[row]
-        views, masks = [], []
+        views = []
         for t in range(temporal):
             idx, mask = sample_indices(clip["num_frames"], cfg.num_frames, train=False,
                                        position=(t + 0.5) / temporal)
-            if frames:
-                raw = read_frame_folder(manifest.frames_path(clip), idx[mask])
-            else:
-                raw = read_video_frames(manifest.video_path(clip), idx[mask])
-            x = torch.from_numpy(raw).permute(0, 3, 1, 2)
-            h, w = x.shape[-2:]
-            short = cfg.short_side
-            h2, w2 = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
-            for p in spatial_params(h2, w2, spatial):
-                views.append(_pad(apply_clip(x, cfg, p), cfg.num_frames))
-                masks.append(torch.from_numpy(mask))
-        probs = _probs(loaded, torch.stack(views), torch.stack(masks))
-        out.append(probs.mean(0))
+            raw = (read_frame_folder(manifest.frames_path(clip), idx[mask]) if frames
+                   else read_video_frames(manifest.video_path(clip), idx[mask]))
+            h, w = raw.shape[1:3]
+            views += [to_clip(raw, cfg, p) for p in spatial_params(h, w, spatial)]
+        video, mask = (torch.stack(v) for v in zip(*views, strict=True))
+        out.append(_probs(loaded, video, mask).mean(0))
     return torch.stack(out).numpy()
-
-
-def _pad(video: torch.Tensor, T: int) -> torch.Tensor:
-    out = torch.zeros(video.shape[0], T, *video.shape[2:])
-    out[:, : video.shape[1]] = video
-    return out
 
 
 def _probs(loaded: Loaded, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,10 +123,7 @@ def predict_file(loaded: Loaded, path: str | Path) -> dict:
         raw = read_video_frames(path, idx[mask])
     except Exception as e:  # noqa: BLE001 - one bad file never stops the others
         return {"path": str(path), "error": f"cannot read video: {type(e).__name__}: {e}"}
-    video = _pad(apply_clip(torch.from_numpy(raw).permute(0, 3, 1, 2), cfg, AugParams()),
-                 cfg.num_frames)
-    mask_t = torch.zeros(cfg.num_frames, dtype=torch.bool)
-    mask_t[: raw.shape[0]] = True
+    video, mask_t = to_clip(raw, cfg, EVAL_PARAMS)
     probs = _probs(loaded, video[None], mask_t[None])[0]
     return {"path": str(path), "emotion": EMOTIONS[int(probs.argmax())],
             "probabilities": {e: float(p) for e, p in zip(EMOTIONS, probs, strict=True)},
