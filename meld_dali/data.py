@@ -114,6 +114,17 @@ def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
                      for i in indices.tolist()])
 
 
+def clip_source_path(manifest: Manifest, clip: dict, use_frames: bool) -> Path:
+    return manifest.frames_path(clip) if use_frames else manifest.video_path(clip)
+
+
+def read_clip(manifest: Manifest, clip: dict, indices: np.ndarray,
+              use_frames: bool) -> np.ndarray:
+    """Frames uint8 [k, H, W, 3] of one manifest clip, from its frame folder or its video."""
+    read = read_frame_folder if use_frames else read_video_frames
+    return read(clip_source_path(manifest, clip, use_frames), indices)
+
+
 def to_clip(frames: np.ndarray, cfg: DataConfig, params) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded uint8 [k, H, W, 3] frames -> (video [3, T, S, S] transformed and normalized,
     exactly 0 in the T - k padded slots; mask bool [T], True for the k real frames)."""
@@ -146,11 +157,10 @@ class ClipDataset(Dataset):
         clip = self.m.clips[row]
         idx, mask = clip_indices(clip["num_frames"], self.cfg.num_frames, train=self.train,
                                  seed=self.seed, epoch=epoch, clip=row)
-        real = idx[mask]
-        path = self.m.frames_path(clip) if self.use_frames else self.m.video_path(clip)
         try:
-            frames = (read_frame_folder if self.use_frames else read_video_frames)(path, real)
+            frames = read_clip(self.m, clip, idx[mask], self.use_frames)
         except Exception as e:  # noqa: BLE001 - a bad clip is skipped and reported
+            path = clip_source_path(self.m, clip, self.use_frames)
             return ClipFailure(row, str(path), f"{type(e).__name__}: {e}")
         params = (draw_params(self.cfg, seed=self.seed, epoch=epoch, clip=row)
                   if self.train else EVAL_PARAMS)

@@ -14,7 +14,7 @@ from meld_dali.config import EMOTIONS, Config, from_dict
 from meld_dali.data import (
     LoaderSpec,
     build_loader,
-    read_frame_folder,
+    read_clip,
     read_video_frames,
     resolve_backend,
     to_clip,
@@ -22,7 +22,7 @@ from meld_dali.data import (
 )
 from meld_dali.errors import UserError
 from meld_dali.launch import open_manifest, pick_device
-from meld_dali.manifest import Manifest, count_decoded
+from meld_dali.manifest import Manifest, probe
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.sampling import sample_indices
@@ -94,8 +94,7 @@ def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], frames
         for t in range(temporal):
             idx, mask = sample_indices(clip["num_frames"], cfg.num_frames, train=False,
                                        position=(t + 0.5) / temporal)
-            raw = (read_frame_folder(manifest.frames_path(clip), idx[mask]) if frames
-                   else read_video_frames(manifest.video_path(clip), idx[mask]))
+            raw = read_clip(manifest, clip, idx[mask], frames)
             h, w = raw.shape[1:3]
             views += [to_clip(raw, cfg, p) for p in spatial_params(h, w, spatial)]
         video, mask = (torch.stack(v) for v in zip(*views, strict=True))
@@ -116,9 +115,10 @@ def predict_file(loaded: Loaded, path: str | Path) -> dict:
     """Emotion and the 7 probabilities of one video file (any length, fps, size)."""
     cfg = loaded.cfg.data
     try:
-        n = count_decoded(str(path))
-        if n == 0:
-            raise ValueError("no video frames")
+        info = probe(str(path))  # the frame count prepare would record, without a full decode
+        if info["status"] != "ok":
+            raise ValueError(f"{info['status']}: {info['reason']}")
+        n = info["num_frames"]
         idx, mask = sample_indices(n, cfg.num_frames, train=False)
         raw = read_video_frames(path, idx[mask])
     except Exception as e:  # noqa: BLE001 - one bad file never stops the others

@@ -22,7 +22,15 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data import Batch, ClipDataset, ClipFailure, ClipLoader, LoaderSpec, collate
+from meld_dali.data import (
+    Batch,
+    ClipDataset,
+    ClipFailure,
+    ClipLoader,
+    LoaderSpec,
+    clip_source_path,
+    collate,
+)
 from meld_dali.sampling import clip_indices
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
@@ -77,7 +85,8 @@ class ClipSource:
             try:
                 encoded, idx, params, mask = self.clip_sample(row)
             except OSError as e:
-                path = str(self.spec.manifest.video_path(self.spec.manifest.clips[row]))
+                path = str(clip_source_path(self.spec.manifest, self.spec.manifest.clips[row],
+                                            self.kind == "frames"))
                 span.failures.append(ClipFailure(row, path, f"{type(e).__name__}: {e}"))
                 continue
             label = np.array(self.spec.manifest.clips[row]["label"], dtype=np.int64)
