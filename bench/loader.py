@@ -16,7 +16,8 @@ import torch
 from meld_dali.bench.common import ResourceMonitor, environment
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data import BACKENDS, LoaderSpec, backend_problem, build_loader
+from meld_dali.data.base import LoaderSpec
+from meld_dali.data.select import backend_problem, build_loader, source_problem
 from meld_dali.manifest import Manifest
 
 
@@ -78,16 +79,14 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
     task = progress.add_task("bench loader", total=len(backends) * len(sources)) \
         if progress else None
     for source in sources:
-        frames = source == "frames"
         for backend in backends:
-            why = ("frame folders were not extracted" if frames and not manifest.has_frames
-                   else backend_problem(backend, manifest, split, frames)
-                   if backend in BACKENDS else f"unknown backend {backend!r}")
+            why = (source_problem(manifest, source)
+                   or backend_problem(backend, manifest, split, source))
             if why:
                 unavailable.append({"backend": backend, "source": source, "reason": why})
             else:
                 spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
-                                  use_frames=frames)
+                                  source=source)
                 loader = build_loader(spec, data, loader_cfg, backend)
                 row = {"backend": backend, "source": source,
                        **time_loader(loader, batches, repeats, warmup, device)}

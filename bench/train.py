@@ -9,37 +9,35 @@ the model alone on in-memory batches: the ceiling any loader can reach.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from meld_dali.bench.common import ResourceMonitor, environment
 
 from meld_dali.config import Config
-from meld_dali.data import BACKENDS, LoaderSpec, SyntheticLoader, backend_problem, build_loader
-from meld_dali.launch import flag, video_dtype
+from meld_dali.data.base import SyntheticLoader
+from meld_dali.data.select import backend_problem, resolve_source, source_problem
+from meld_dali.evaluation import Dist
+from meld_dali.launch import build_loaders, build_model_on, flag, net_factory, video_dtype
 from meld_dali.manifest import Manifest
-from meld_dali.model import build_model
 from meld_dali.trainer import Trainer
 
 DATA_BOUND_SHARE = 0.10  # above this share of step time waiting for data: data-bound
 
 
-def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
-            run_dir: Path) -> dict:
+def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int) -> dict:
+    """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer),
+    res3-res5 trainable (the costliest recipe stage): `warmup` optimizer steps, then
+    `steps` timed ones."""
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
-    if flag(cfg.loader.channels_last, device):
-        model = model.to(memory_format=torch.channels_last_3d)
-    model.set_trainable(set(("res3", "res4", "res5")))  # the costliest recipe stage
-    make = torch.compile if flag(cfg.train.compile, device) else None
-    trainer = Trainer(cfg, run_dir, model, loader, loader, [1] * 7, device, make_net=make)
-    trainer.cfg.train.max_steps_per_epoch = warmup
-    trainer.train_one_epoch()  # warm-up (and compilation)
-    trainer.stats.__init__()
-    trainer.cfg.train.max_steps_per_epoch = steps
+    model = build_model_on(cfg, device)
+    model.set_trainable({"res3", "res4", "res5"})
+    trainer = Trainer(cfg, model, loader, loader, [1] * 7, device,
+                      make_net=net_factory(cfg, device, Dist()))
+    trainer.train_one_epoch(max_steps=warmup)  # warm-up (and compilation)
+    trainer.take_stats()
     with ResourceMonitor() as mon:
-        trainer.train_one_epoch()
-    s = trainer.stats
+        trainer.train_one_epoch(max_steps=steps)
+    s = trainer.take_stats()
     wall = s.data_wait + s.step_time
     share = s.data_wait / max(wall, 1e-9)
     return {"clips_per_s": s.clips / max(wall, 1e-9), "clips": s.clips,
@@ -49,16 +47,16 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
 
 
 def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, steps: int,
-                warmup: int, run_dir: Path, source: str = "auto", progress=None) -> dict:
+                warmup: int, source: str = "auto", progress=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg)  # this bench's own settings: one optimizer step per batch
     cfg.train.accum_steps = 1
     cfg.tracking.wandb = False
+    cfg.data.source = source
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
     dtype = video_dtype(cfg, device)
     cl = flag(cfg.loader.channels_last, device)
-    frames = source == "frames" or (source == "auto" and manifest is not None
-                                    and manifest.has_frames)
+    resolved = resolve_source(manifest, "auto") if manifest and source == "auto" else source
     results, unavailable = [], []
     task = progress.add_task("bench train", total=len(backends)) if progress else None
     for backend in backends:
@@ -67,15 +65,13 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
                                             channels_last=cl)
             why = ""
+        elif manifest is None:
+            why = "no dataset"
         else:
-            why = ("no dataset" if manifest is None else backend_problem(
-                backend, manifest, cfg.data.train_split, frames)
-                if backend in BACKENDS else f"unknown backend {backend!r}")
+            why = (source_problem(manifest, resolved)
+                   or backend_problem(backend, manifest, cfg.data.train_split, resolved))
             if not why:
-                spec = LoaderSpec(manifest, cfg.data.train_split, True, B, cfg.train.seed,
-                                  device=device, dtype=dtype, channels_last=cl,
-                                  use_frames=frames)
-                loader = build_loader(spec, cfg.data, cfg.loader, backend)
+                _, loader, _ = build_loaders(cfg, manifest, device, Dist(), backend=backend)
                 if len(loader) < steps + warmup:
                     why = (f"dataset too small: {len(loader)} batches < {steps + warmup} "
                            "steps + warm-up")
@@ -83,7 +79,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             unavailable.append({"backend": backend, "reason": why})
         else:
             results.append({"backend": backend,
-                            **measure(cfg, loader, device, steps, warmup, run_dir)})
+                            **measure(cfg, loader, device, steps, warmup)})
         if progress:
             progress.advance(task)
     amp = cfg.train.amp if device.type == "cuda" else "off"
@@ -91,8 +87,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
                          "channels_last": cl, "compile": flag(cfg.train.compile, device),
                          "steps": steps, "warmup": warmup, "workers": cfg.loader.workers,
-                         "source": "frames" if frames else "video",
-                         "data_bound_share": DATA_BOUND_SHARE},
+                         "source": resolved, "data_bound_share": DATA_BOUND_SHARE},
             "results": results, "unavailable": unavailable}
 
 

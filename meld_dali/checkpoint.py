@@ -39,6 +39,38 @@ def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None
         os.close(dir_fd)
 
 
+class CheckpointSaver:
+    """The run's checkpoint file policy (timm's CheckpointSaver is the model): `last.pt`
+    (the one it replaces kept as `last.prev.pt`), `best.pt`, and optionally the newest
+    `keep_last` step-numbered copies; every write atomic. `on_best` runs after a new
+    best.pt is on disk (e.g. the Hub push). Only the main rank writes (enabled)."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 0, on_best=None,
+                 enabled: bool = True):
+        self.dir, self.keep_last = Path(directory), keep_last
+        self.on_best, self.enabled = on_best, enabled
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def save_last(self, state: dict) -> None:
+        if not self.enabled:
+            return
+        atomic_save(state, self.last, keep_previous=True)
+        if self.keep_last:
+            atomic_save(state, self.dir / f"step{state['step']:08d}.pt")
+            for old in sorted(self.dir.glob("step*.pt"))[: -self.keep_last]:
+                old.unlink()
+
+    def save_best(self, state: dict) -> None:
+        if not self.enabled:
+            return
+        atomic_save(state, self.dir / "best.pt")
+        if self.on_best:
+            self.on_best()
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load and validate a checkpoint; a truncated or foreign file is a one-line UserError."""
     path = Path(path)

@@ -282,17 +282,15 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
                 json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
                 save: bool = typer.Option(False, "--save", help="also write bench/results/")):
     """Trainer step throughput and data-wait share per loader."""
-    import tempfile
-
     from meld_dali.bench.train import bench_train as run
     from meld_dali.bench.train import render_table
     from meld_dali.config import load_config
 
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])
     manifest = bench_data(data, cfg) if set(_split(backends)) - {"synthetic"} else None
-    with progress() as p, tempfile.TemporaryDirectory() as tmp:
+    with progress() as p:
         report = run(cfg, manifest, _split(backends), steps=steps, warmup=warmup,
-                     run_dir=Path(tmp), source=source, progress=p)
+                     source=source, progress=p)
     out.print(render_table(report))
     save_report(report, "train", report["settings"]["amp"], json_out, save)
 

@@ -11,22 +11,16 @@ import torch
 
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, Config, from_dict
-from meld_dali.data import (
-    LoaderSpec,
-    build_loader,
-    read_clip,
-    read_video_frames,
-    resolve_backend,
-    to_clip,
-    use_frames,
-)
+from meld_dali.data.base import LoaderSpec
+from meld_dali.data.decode import read_clip, read_video_frames, to_clip
+from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
+from meld_dali.evaluation import Dist, predict_loader
 from meld_dali.launch import open_manifest, pick_device
 from meld_dali.manifest import Manifest, probe
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.sampling import sample_indices
-from meld_dali.trainer import Dist, predict_loader
 from meld_dali.transforms import EVAL_PARAMS, AugParams
 
 
@@ -63,16 +57,16 @@ def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str =
     if not root:
         raise UserError("no data: pass --data (the checkpoint's config names none)")
     manifest = open_manifest(root)
-    frames = use_frames(manifest, cfg.data.source)
-    backend = resolve_backend(backend, manifest, split, frames)
+    source = resolve_source(manifest, cfg.data.source)
+    backend = resolve_backend(backend, manifest, split, source)
     spec = LoaderSpec(manifest, split, False, cfg.train.batch_size, cfg.train.seed,
-                      device=loaded.device, use_frames=frames)
+                      device=loaded.device, source=source)
     loader = build_loader(spec, cfg.data, cfg.loader, backend)
     labels, probs, rows = predict_loader(loaded.model, loader, loaded.device, None, Dist())
     result = {"split": split, "backend": backend, "checkpoint_epoch": loaded.ckpt["epoch"],
               **classification_metrics(labels, probs.argmax(1))}
     if views:
-        mv = multi_view_probs(loaded, manifest, rows.tolist(), frames, *views)
+        mv = multi_view_probs(loaded, manifest, rows.tolist(), source, *views)
         result["multi_view"] = {"views": {"temporal": views[0], "spatial": views[1]},
                                 **classification_metrics(labels, mv.argmax(1))}
     return result
@@ -85,7 +79,7 @@ def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
 
 
 @torch.no_grad()
-def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], frames: bool,
+def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], source: str,
                      temporal: int, spatial: int) -> np.ndarray:
     cfg, out = loaded.cfg.data, []
     for row in rows:
@@ -94,7 +88,7 @@ def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], frames
         for t in range(temporal):
             idx, mask = sample_indices(clip["num_frames"], cfg.num_frames, train=False,
                                        position=(t + 0.5) / temporal)
-            raw = read_clip(manifest, clip, idx[mask], frames)
+            raw = read_clip(manifest, clip, idx[mask], source)
             h, w = raw.shape[1:3]
             views += [to_clip(raw, cfg, p) for p in spatial_params(h, w, spatial)]
         video, mask = (torch.stack(v) for v in zip(*views, strict=True))

@@ -1,6 +1,7 @@
 """Assembling a training run from a resolved Config: data, loaders, model, trainer, state.
 
-The CLI parses arguments and calls `run_training`; tests call it directly.
+The CLI parses arguments and calls `run_training`; tests call it directly; `bench train`
+builds its model and loaders with the same functions.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import torch
 from meld_dali import checkpoint as ckpt_io
 from meld_dali import hub
 from meld_dali.config import Config, dump_config
-from meld_dali.data import LoaderSpec, build_loader, resolve_backend, use_frames
+from meld_dali.data.base import LoaderSpec
+from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
+from meld_dali.evaluation import Dist
 from meld_dali.manifest import MANIFEST_NAME, Manifest, prepare
 from meld_dali.model import build_model
+from meld_dali.reporting import EpochReporter
+from meld_dali.signals import stop_on_signals
 from meld_dali.tracking import build_tracker
-from meld_dali.trainer import Dist, Trainer
+from meld_dali.trainer import Trainer
 
 log = logging.getLogger("meld_dali.launch")
 
@@ -96,18 +101,29 @@ def net_factory(cfg: Config, device: torch.device, dist: Dist):
     return make
 
 
-def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: Dist):
-    frames = use_frames(manifest, cfg.data.source)
-    backend = resolve_backend(cfg.loader.backend, manifest, cfg.data.train_split, frames)
+def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: Dist,
+                  backend: str | None = None):
+    """(backend, train loader, eval loader) per the config (or the given backend)."""
+    source = resolve_source(manifest, cfg.data.source)
+    backend = resolve_backend(backend or cfg.loader.backend, manifest, cfg.data.train_split,
+                              source)
     common = dict(manifest=manifest, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                   device=device, dtype=video_dtype(cfg, device),
                   channels_last=flag(cfg.loader.channels_last, device), rank=dist.rank,
-                  world=dist.world, use_frames=frames)
+                  world=dist.world, source=source)
     train = build_loader(LoaderSpec(split=cfg.data.train_split, train=True, **common),
                          cfg.data, cfg.loader, backend)
     evl = build_loader(LoaderSpec(split=cfg.data.eval_split, train=False, **common),
                        cfg.data, cfg.loader, backend)
     return backend, train, evl
+
+
+def build_model_on(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model on the device, in the memory format the loaders deliver."""
+    model = build_model(cfg.model).to(device)
+    if flag(cfg.loader.channels_last, device):
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
@@ -116,20 +132,18 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
     trainer, backend = build_trainer(cfg, run_dir, resume, console, dist)
     t0 = time.perf_counter()
     try:
-        result = trainer.train()
+        with stop_on_signals(trainer.request_stop):
+            result = trainer.train()
     finally:
-        trainer.tracker.finish()
+        trainer.reporter.finish()
     result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend)
     if trainer.dist.main and not result["interrupted"] and cfg.hub.push == "end":
         result["hub_pushed"] = hub.push(cfg.hub, Path(run_dir))
     return result
 
 
-def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
-                  dist: Dist | None = None) -> tuple[Trainer, str]:
-    """Everything a run needs, restored from a checkpoint when resuming."""
-    run_dir = Path(run_dir)
-    dist = dist or dist_from_env()
+def load_resume_state(cfg: Config, run_dir: Path, resume: str | None, console=None):
+    """The checkpoint to continue from (None for a fresh run), checked against `cfg`."""
     state = None
     if resume == "auto":
         found = ckpt_io.find_resume(run_dir, log=console.print if console else log.warning)
@@ -147,6 +161,15 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         diff = ckpt_io.config_mismatch(state["config"], cfg.to_dict())
         if diff:
             raise UserError(f"checkpoint was trained with another config: {'; '.join(diff)}")
+    return state
+
+
+def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
+                  dist: Dist | None = None) -> tuple[Trainer, str]:
+    """Everything a run needs, restored from a checkpoint when resuming."""
+    run_dir = Path(run_dir)
+    dist = dist or dist_from_env()
+    state = load_resume_state(cfg, run_dir, resume, console)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
 
@@ -158,10 +181,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     if sum(counts) == 0:
         raise UserError(f"{manifest.path}: no loadable clips in split "
                         f"'{cfg.data.train_split}'")
-
-    model = build_model(cfg.model).to(device)
-    if flag(cfg.loader.channels_last, device):
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = build_model_on(cfg, device)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.main:
@@ -169,10 +189,13 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     tracker = build_tracker(cfg.tracking, run_dir, cfg.to_dict(),
                             state.get("tracker_run_id") if state else None, enabled=dist.main)
     on_best = (lambda: hub.push(cfg.hub, run_dir)) if cfg.hub.push == "best" else None
-    trainer = Trainer(cfg, run_dir, model, train_loader, eval_loader, counts, device,
-                      make_net=net_factory(cfg, device, dist), tracker=tracker, dist=dist,
-                      console=console, clip_ids=[c["clip_id"] for c in manifest.clips],
-                      on_best=on_best)
+    trainer = Trainer(
+        cfg, model, train_loader, eval_loader, counts, device,
+        make_net=net_factory(cfg, device, dist), dist=dist,
+        saver=ckpt_io.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_last, on_best,
+                                      enabled=dist.main),
+        reporter=EpochReporter(run_dir, tracker, console, enabled=dist.main),
+        clip_ids=[c["clip_id"] for c in manifest.clips])
     if state is not None:
         trainer.load_state_dict(state)
     if console and dist.main:

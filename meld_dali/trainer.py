@@ -2,30 +2,26 @@
 
 `Trainer.train()` reads like the recipe; `train_one_epoch` is one screen. The loaders are
 any backend (they all yield Batch), the model is a plain nn.Module: no backend branches.
+Where checkpoints go (CheckpointSaver), what an epoch reports (EpochReporter) and how a
+split is scored (evaluation) live in their own modules; the Trainer only trains.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
-import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from meld_dali import checkpoint as ckpt_io
 from meld_dali.config import EMOTIONS, Config
+from meld_dali.evaluation import Dist, predict_loader, score, share_rank0_buffers
 from meld_dali.losses import FocalLoss, inverse_sqrt_weights
-from meld_dali.metrics import classification_metrics, plot_confusion
 from meld_dali.model import STAGES
-from meld_dali.tracking import NullTracker
-
-log = logging.getLogger("meld_dali.trainer")
+from meld_dali.reporting import EpochReporter
 
 
 @dataclass
@@ -56,27 +52,21 @@ class EarlyStopping:
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class EpochStats:
     loss_sum: float = 0.0
     clips: int = 0
     data_wait: float = 0.0
     step_time: float = 0.0
-    grad_norm: float = 0.0
 
     def as_dict(self) -> dict:
         return {"train_loss": self.loss_sum / max(self.clips, 1), "train_clips": self.clips,
                 "data_wait_s": self.data_wait, "step_time_s": self.step_time,
                 "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
+
+    @classmethod
+    def from_state(cls, sd: dict) -> EpochStats:
+        known = {f.name for f in fields(cls)}  # older checkpoints held more fields
+        return cls(**{k: v for k, v in sd.items() if k in known})
 
 
 def stages_for_epoch(cfg_train, epoch: int) -> set[str]:
@@ -105,20 +95,20 @@ def build_scheduler(opt, cfg, total_steps: int):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, model: nn.Module, train_loader, eval_loader,
-                 class_counts: list[int], device: torch.device, *,
-                 make_net=None,
-                 tracker=None, dist: Dist | None = None, console=None, clip_ids: list[str] = (),
-                 on_best=None):
-        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+    def __init__(self, cfg: Config, model: nn.Module, train_loader, eval_loader,
+                 class_counts: list[int], device: torch.device, *, make_net=None,
+                 dist: Dist | None = None, saver: ckpt_io.CheckpointSaver | None = None,
+                 reporter: EpochReporter | None = None, clip_ids: list[str] = ()):
+        self.cfg, self.device = cfg, device
         self.model = model  # unwrapped: what checkpoints hold
         self.make_net = make_net or (lambda m: m)  # -> compiled and/or DDP-wrapped model
         self.net = self.make_net(model)
+        self.dist = dist or Dist()
         # eval on each rank's shard without DDP collectives (shards may differ by a batch)
-        self.eval_net = self.net if dist is None or dist.world == 1 else model
+        self.eval_net = self.net if self.dist.world == 1 else model
         self.train_loader, self.eval_loader = train_loader, eval_loader
-        self.tracker, self.dist = tracker or NullTracker(), dist or Dist()
-        self.console, self.clip_ids, self.on_best = console, list(clip_ids), on_best
+        self.saver, self.reporter = saver, reporter or EpochReporter(enabled=self.dist.main)
+        self.clip_ids = list(clip_ids)
         t, o = cfg.train, cfg.optim
         weights = inverse_sqrt_weights(class_counts) if o.class_weights == "inv_sqrt" else None
         self.criterion = FocalLoss(o.focal_gamma, weights).to(device)
@@ -140,10 +130,19 @@ class Trainer:
             if self.dist.world > 1:
                 self.net = self.make_net(self.model)
 
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self, max_steps: int = 0) -> int:
         n = len(self.train_loader)
-        cap = self.cfg.train.max_steps_per_epoch * self.cfg.train.accum_steps
+        cap = (max_steps or self.cfg.train.max_steps_per_epoch) * self.cfg.train.accum_steps
         return min(n, cap) if cap else n
+
+    def request_stop(self, why: str) -> bool:
+        """Stop after the current optimizer step (a signal handler calls this). False if a
+        stop was already requested."""
+        if self.stop_requested:
+            return False
+        self.stop_requested = True
+        self.reporter.say(f"{why}: finishing the current step, then saving")
+        return True
 
     # ------------------------------------------------------------------ the recipe
 
@@ -151,25 +150,25 @@ class Trainer:
         """Run the recipe to the end (or until `until_epoch` epochs are complete)."""
         t = self.cfg.train
         end = t.epochs if until_epoch is None else min(until_epoch, t.epochs)
-        with self._signals():
-            while self.epoch < end and not self.stop_requested:
-                self.set_stages(stages_for_epoch(t, self.epoch))
-                self.train_one_epoch()
-                if self.stop_requested:  # interrupted mid-epoch: state saved, resume later
-                    break
-                metrics = self.evaluate()
-                improved = self.early.update(metrics["weighted_f1"])
-                self.end_epoch(metrics, improved)
-                if self.epoch < t.epochs and self.early.should_stop(self.epoch - 1):
-                    self.say(f"early stop: no weighted-F1 gain >= {t.min_delta} for "
-                             f"{t.patience} epochs (best {self.early.best:.4f})")
-                    break
+        while self.epoch < end and not self.stop_requested:
+            self.set_stages(stages_for_epoch(t, self.epoch))
+            self.train_one_epoch()
+            if self.stop_requested:  # interrupted mid-epoch: state saved, resume later
+                break
+            metrics, predictions = self.evaluate()
+            improved = self.early.update(metrics["weighted_f1"])
+            self.end_epoch(metrics, predictions, improved)
+            if self.epoch < t.epochs and self.early.should_stop(self.epoch - 1):
+                self.reporter.say(f"early stop: no weighted-F1 gain >= {t.min_delta} for "
+                                  f"{t.patience} epochs (best {self.early.best:.4f})")
+                break
         return {"best_weighted_f1": self.early.best, "epochs": self.epoch,
                 "interrupted": self.stop_requested}
 
-    def train_one_epoch(self) -> None:
+    def train_one_epoch(self, max_steps: int = 0) -> None:
+        """One pass over the train loader (or its first `max_steps` optimizer steps)."""
         self.net.train()
-        accum, total = self.cfg.train.accum_steps, self.batches_per_epoch()
+        accum, total = self.cfg.train.accum_steps, self.batches_per_epoch(max_steps)
         loader = self.train_loader
         loader.set_epoch(self.epoch)
         i = loader.state_dict()["consumed"] // self.cfg.train.batch_size  # resumed mid-epoch
@@ -220,85 +219,53 @@ class Trainer:
         if self.scheduler.last_epoch < self.scheduler.total_steps:
             self.scheduler.step()
         self.step += 1
-        self.stats.grad_norm = float(norm)
-        if self.dist.main and self.step % self.cfg.tracking.log_every == 0:
-            self.tracker.log({"train/loss_avg": self.stats.loss_sum / max(self.stats.clips, 1),
-                              "train/lr": self.scheduler.get_last_lr()[0],
-                              "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
+        if self.step % self.cfg.tracking.log_every == 0:
+            self.reporter.log_step(
+                {"train/loss_avg": self.stats.loss_sum / max(self.stats.clips, 1),
+                 "train/lr": self.scheduler.get_last_lr()[0],
+                 "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
 
     def every_n_steps(self) -> bool:
         every = self.cfg.train.checkpoint_every_steps
         return bool(every) and self.step % every == 0
 
     def pause(self) -> None:
-        """A signal arrived: the optimizer step is done, save and leave the epoch."""
+        """A stop was requested: the optimizer step is done, save and leave the epoch."""
         self.save_last()
-        self.say(f"interrupted: saved {self.run_dir / 'checkpoints/last.pt'}; resume with "
-                 f"`meld-dali train --out {self.run_dir} --resume auto`")
+        if self.saver:
+            run = self.saver.dir.parent
+            self.reporter.say(f"interrupted: saved {self.saver.last}; resume with "
+                              f"`meld-dali train --out {run} --resume auto`")
+
+    def take_stats(self) -> EpochStats:
+        """The running epoch's figures, and a fresh count from here on."""
+        stats, self.stats = self.stats, EpochStats()
+        return stats
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict:
-        if self.dist.world > 1:
-            # BatchNorm running statistics drift apart per rank (DDP runs with
-            # broadcast_buffers=False): evaluate every shard with rank 0's, the checkpoint's
-            import torch.distributed as tdist
-
-            for buf in self.model.buffers():
-                tdist.broadcast(buf, src=0)
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        share_rank0_buffers(self.model, self.dist)
         labels, probs, rows = predict_loader(self.eval_net, self.eval_loader, self.device,
                                              self.amp_dtype, self.dist)
-        pred = probs.argmax(1)
-        metrics = classification_metrics(labels, pred)
-        conf = probs.max(1)
-        self.last_predictions = [
-            {"clip_id": self.clip_ids[r] if r < len(self.clip_ids) else str(r),
-             "true": EMOTIONS[y], "predicted": EMOTIONS[p], "confidence": float(c)}
-            for r, y, p, c in zip(rows.tolist(), labels.tolist(), pred.tolist(), conf.tolist(),
-                                  strict=True)]
-        return metrics
+        return score(labels, probs, rows, self.clip_ids)
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def end_epoch(self, metrics: dict, improved: bool) -> None:
+    def end_epoch(self, metrics: dict, predictions: list[dict], improved: bool) -> None:
         """Record the finished epoch (self.epoch already counts it)."""
-        epoch = self.epoch - 1
-        row = {"epoch": epoch, "step": self.step, **self.stats.as_dict(),
+        row = {"epoch": self.epoch - 1, "step": self.step, **self.take_stats().as_dict(),
                "lr": self.scheduler.get_last_lr()[0],
                "stages": sorted(self.model.trainable), "best": improved, **metrics}
         self.history.append(row)
-        self.stats = EpochStats()
-        if not self.dist.main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        png = self.run_dir / f"confusion_epoch{epoch:03d}.png"
-        plot_confusion(metrics["confusion"], png, f"dev, epoch {epoch}")
-        self.tracker.log_epoch(metrics, self.step, self.last_predictions, str(png))
-        self.say(f"epoch {epoch}: loss {row['train_loss']:.4f}  acc {metrics['accuracy']:.3f}  "
-                 f"macro-F1 {metrics['macro_f1']:.3f}  weighted-F1 {metrics['weighted_f1']:.3f}"
-                 f"  (all-neutral {metrics['baseline_weighted_f1']:.3f})  data-wait "
-                 f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}")
+        self.reporter.epoch_end(row, metrics, predictions, improved)
         self.save_last()
-        if improved:
-            ckpt_io.atomic_save(self.state_dict(), self.run_dir / "checkpoints" / "best.pt")
-            if self.on_best:
-                self.on_best()
+        if improved and self.saver:
+            self.saver.save_best(self.state_dict())
 
     def save_last(self) -> None:
-        if not self.dist.main:
-            return
-        ck = self.run_dir / "checkpoints"
-        state = self.state_dict()
-        ckpt_io.atomic_save(state, ck / "last.pt", keep_previous=True)
-        if self.cfg.train.keep_last:  # step-numbered copies, the newest k kept
-            ckpt_io.atomic_save(state, ck / f"step{self.step:08d}.pt")
-            for old in sorted(ck.glob("step*.pt"))[: -self.cfg.train.keep_last]:
-                old.unlink()
-
-    def say(self, msg: str) -> None:
-        if self.dist.main:
-            (self.console.print if self.console else log.info)(msg)
+        if self.saver:
+            self.saver.save_last(self.state_dict())
 
     def state_dict(self) -> dict:
         return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
@@ -306,10 +273,10 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "early_stop": self.early.state_dict(),
-                "stages": sorted(self.model.trainable), "epoch_stats": self.stats.__dict__,
+                "stages": sorted(self.model.trainable), "epoch_stats": asdict(self.stats),
                 "history": self.history, "rng": ckpt_io.rng_state(),
                 "loader": self.train_loader.state_dict(),
-                "tracker_run_id": getattr(self.tracker, "run_id", None)}
+                "tracker_run_id": self.reporter.tracker.run_id}
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
@@ -319,7 +286,7 @@ class Trainer:
         self.scaler.load_state_dict(sd["scaler"])
         self.epoch, self.step = sd["epoch"], sd["step"]
         self.early.load_state_dict(sd["early_stop"])
-        self.stats = EpochStats(**sd["epoch_stats"])
+        self.stats = EpochStats.from_state(sd["epoch_stats"])
         self.history = list(sd["history"])
         self.train_loader.load_state_dict(sd["loader"])
         ckpt_io.set_rng_state(sd["rng"])
@@ -331,61 +298,3 @@ class Trainer:
         if skip and hasattr(self.net, "no_sync"):
             return self.net.no_sync()
         return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _signals(self):
-        """SIGINT/SIGTERM: finish the current optimizer step, save `last`, exit cleanly.
-        A second signal interrupts at once."""
-        def handler(signum, frame):
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            self.say(f"{signal.Signals(signum).name}: finishing the current step, then saving")
-
-        old = {}
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                old[s] = signal.signal(s, handler)
-        except ValueError:  # not the main thread: no handlers
-            pass
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-@torch.no_grad()
-def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist: Dist):
-    """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once,
-    gathered over ranks."""
-    net.eval()
-    labels, probs, rows = [], [], []
-    for batch in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = net(batch.video, batch.mask)
-        probs.append(logits.float().softmax(-1).cpu())
-        labels.append(batch.label.cpu())
-        rows.append(batch.index.cpu())
-    if labels:
-        labels, probs, rows = torch.cat(labels), torch.cat(probs), torch.cat(rows)
-    else:
-        labels, probs, rows = (torch.zeros(0, dtype=torch.int64),
-                               torch.zeros(0, len(EMOTIONS)), torch.zeros(0, dtype=torch.int64))
-    return gather(labels, probs, rows, dist)
-
-
-def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: Dist):
-    """All ranks' predictions, each clip once, in manifest order."""
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        parts: list = [None] * dist.world
-        tdist.all_gather_object(parts, (labels, probs, rows))
-        labels = torch.cat([p[0] for p in parts])
-        probs = torch.cat([p[1] for p in parts])
-        rows = torch.cat([p[2] for p in parts])
-        order = torch.argsort(rows)
-        labels, probs, rows = labels[order], probs[order], rows[order]
-    return labels.numpy(), probs.numpy(), rows.numpy()

@@ -22,20 +22,17 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data import (
-    Batch,
-    ClipDataset,
-    ClipFailure,
-    ClipLoader,
-    LoaderSpec,
-    clip_source_path,
-    collate,
-)
+from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
+from meld_dali.data.decode import clip_source_path
+from meld_dali.data.torch_loader import ClipDataset, collate
 from meld_dali.sampling import clip_indices
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
 log = logging.getLogger("meld_dali.pipelines")
-DALI_DTYPES = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
+# DALI has no bfloat16: a bf16 run gets float16 from DALI (normalized pixels fit it easily)
+# and `deliver` casts on the GPU, half the bytes of a float32 round trip.
+DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
+               torch.float32: types.FLOAT}
 
 
 @dataclass
@@ -50,6 +47,7 @@ class ClipSource:
 
     def __init__(self, spec: LoaderSpec, cfg: DataConfig, items: list[int], epoch: int,
                  kind: str):
+        # kind: the graph's input, "video" (one encoded file per clip) or "frames" (JPEGs)
         self.spec, self.cfg, self.items, self.epoch, self.kind = spec, cfg, items, epoch, kind
         self.pos = 0
         self.spans: deque[Span] = deque()
@@ -63,7 +61,7 @@ class ClipSource:
         params = dali_params(draw_params(self.cfg, seed=s.seed, epoch=self.epoch, clip=row)
                              if s.train else EVAL_PARAMS, self.cfg)
         if self.kind == "video":
-            encoded = [np.fromfile(m.video_path(clip), dtype=np.uint8)]
+            encoded = [np.fromfile(clip_source_path(m, clip, s.source), dtype=np.uint8)]
             # padded slots ask for frames past the end: the decoder fills them with 0
             idx = np.where(mask, idx, n + np.arange(T)).astype(np.int32)
         else:
@@ -86,7 +84,7 @@ class ClipSource:
                 encoded, idx, params, mask = self.clip_sample(row)
             except OSError as e:
                 path = str(clip_source_path(self.spec.manifest, self.spec.manifest.clips[row],
-                                            self.kind == "frames"))
+                                            self.spec.source))
                 span.failures.append(ClipFailure(row, path, f"{type(e).__name__}: {e}"))
                 continue
             label = np.array(self.spec.manifest.clips[row]["label"], dtype=np.int64)
@@ -107,7 +105,7 @@ class ClipSource:
         return out
 
 
-class DaliLoader(ClipLoader):
+class DaliLoader(ManifestLoader):
     """Yields Batch from a DALI pipeline (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
     'cpu' = DALI's CPU operators). Same interface and position as data.TorchLoader."""
 
@@ -115,14 +113,13 @@ class DaliLoader(ClipLoader):
         super().__init__(spec)
         self.data, self.cfg, self.device = data, cfg, device
         self.backend = f"dali-{device}"
-        self.kind = "frames" if spec.use_frames else "video"
-        self.out_dtype = spec.dtype
-        self.dali_dtype = DALI_DTYPES.get(spec.dtype, types.FLOAT)
+        self.kind = "frames" if spec.source == "frames" else "video"
+        self.dali_dtype = DALI_DTYPES[spec.dtype]
 
     # ------------------------------------------------------------------ pipeline
 
     def _build(self, items: list[int]) -> tuple[DALIGenericIterator, ClipSource]:
-        source = ClipSource(self.spec, self.data, items, self.epoch, self.kind)
+        source = ClipSource(self.spec, self.data, items, self.position.epoch, self.kind)
         per_clip = 1 if self.kind == "video" else self.data.num_frames
         dev = self.spec.device
         pipe = clip_pipeline(
@@ -153,13 +150,12 @@ class DaliLoader(ClipLoader):
             mask = d["mask"].view(video.shape[0], -1).bool()
         # padded slots: exactly 0 after normalization, like the CPU loader
         video = video * mask[:, None, :, None, None].to(video.dtype)
-        return Batch(video, mask, label, index).to(self.spec.device, self.out_dtype,
-                                                   self.spec.channels_last)
+        return self.deliver(Batch(video, mask, label, index))
 
-    def __iter__(self) -> Iterator[Batch]:
-        items = self.order.order(self.epoch)
-        while self.consumed < len(items):
-            it, source = self._build(items[self.consumed:])
+    def _batches(self) -> Iterator[Batch]:
+        pos = self.position
+        while pos.consumed < self.num_clips:
+            it, source = self._build(self.remaining())
             try:
                 while True:
                     try:
@@ -169,36 +165,33 @@ class DaliLoader(ClipLoader):
                     span = source.spans.popleft()
                     for f in span.failures:
                         self.report(f)
-                    self.consumed += len(span.rows)
+                    pos.consumed += len(span.rows)
                     yield self._to_batch(out[0])
                 # trailing spans that only held failures
                 while source.spans:
                     span = source.spans.popleft()
                     for f in span.failures:
                         self.report(f)
-                    self.consumed += len(span.rows)
+                    pos.consumed += len(span.rows)
             except RuntimeError as e:  # a clip DALI could not decode: redo this batch on CPU
                 span = source.spans.popleft()
                 batch = self._recover(span, e)
-                self.consumed += len(span.rows)
+                pos.consumed += len(span.rows)
                 if batch is not None:
                     yield batch
                 continue  # rebuild the pipeline after the failed batch
             finally:
                 del it
             break
-        self.epoch, self.consumed = self.epoch + 1, 0
 
     def _recover(self, span: Span, error: Exception) -> Batch | None:
         ds = ClipDataset(self.spec.manifest, self.data, train=self.spec.train,
-                         seed=self.spec.seed, use_frames=self.spec.use_frames)
+                         seed=self.spec.seed, source=self.spec.source)
         good_rows = [r for r in span.rows if r not in {f.index for f in span.failures}]
-        batch, failures = collate([ds[(self.epoch, r)] for r in good_rows])
+        batch, failures = collate([ds[(self.position.epoch, r)] for r in good_rows])
         for f in span.failures + failures:
             self.report(f)
         if not failures:
             log.warning("DALI failed on a batch the CPU path decodes (%s); used the CPU result",
                         str(error).splitlines()[0])
-        if batch is None:
-            return None
-        return batch.to(self.spec.device, self.out_dtype, self.spec.channels_last)
+        return None if batch is None else self.deliver(batch)

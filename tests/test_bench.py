@@ -55,7 +55,7 @@ def test_bench_train_synthetic_and_torch(synth_root, tmp_path):
     cfg = load_config("demo", ["data.num_frames=4", "train.batch_size=2", "loader.workers=0",
                                "model.hidden=[32, 16]"])
     report = bench_train(cfg, Manifest.load(synth_root), ["synthetic", "torch", "nope"],
-                         steps=2, warmup=1, run_dir=tmp_path)
+                         steps=2, warmup=1)
     rows = {r["backend"]: r for r in report["results"]}
     assert set(rows) == {"synthetic", "torch"}
     for r in rows.values():

@@ -1,5 +1,5 @@
 """DALI pipelines, CPU variant (DALI's CPU decoder takes VP9/MJPEG; frame folders are JPEG).
-The GPU variant is checked by `python -m meld_dali.pipelines.gpu_check` on a CUDA machine."""
+The GPU variant is checked by `python -m meld_dali.bench.gpu_check` on a CUDA machine."""
 
 import shutil
 import warnings
@@ -13,7 +13,9 @@ pytest.importorskip("nvidia.dali")
 from meld_dali.pipelines.loader import DaliLoader  # noqa: E402
 
 from meld_dali.config import load_config  # noqa: E402
-from meld_dali.data import LoaderSpec, TorchLoader, resolve_backend  # noqa: E402
+from meld_dali.data.base import LoaderSpec  # noqa: E402
+from meld_dali.data.select import resolve_backend  # noqa: E402
+from meld_dali.data.torch_loader import TorchLoader  # noqa: E402
 from meld_dali.errors import UserError  # noqa: E402
 from meld_dali.manifest import Manifest  # noqa: E402
 
@@ -22,7 +24,8 @@ warnings.filterwarnings("ignore", message=".*external source node.*")
 
 def pair(root, split="dev", train=False, frames=False, bs=4, over=(), **kw):
     cfg = load_config("demo", ["data.num_frames=16", "loader.workers=1", *over])
-    spec = LoaderSpec(Manifest.load(root), split, train, bs, seed=5, use_frames=frames, **kw)
+    spec = LoaderSpec(Manifest.load(root), split, train, bs, seed=5,
+                      source="frames" if frames else "video", **kw)
     return (DaliLoader(spec, cfg.data, cfg.loader, "cpu"), TorchLoader(spec, cfg.data, cfg.loader))
 
 
@@ -124,11 +127,11 @@ def test_undecodable_clip_is_skipped_and_reported(synth_vp9, tmp_path):
 def test_backend_selection_explains_what_cannot_run(synth_root, synth_vp9):
     h264 = Manifest.load(synth_root)
     with pytest.raises(UserError, match="VP8/VP9/MJPEG"):
-        resolve_backend("dali-cpu", h264, "train", frames=False)
-    assert resolve_backend("dali-cpu", h264, "train", frames=True) == "dali-cpu"
-    assert resolve_backend("auto", Manifest.load(synth_vp9), "train", frames=False) in (
+        resolve_backend("dali-cpu", h264, "train", "video")
+    assert resolve_backend("dali-cpu", h264, "train", "frames") == "dali-cpu"
+    assert resolve_backend("auto", Manifest.load(synth_vp9), "train", "video") in (
         "dali-cpu", "dali-gpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
-            resolve_backend("dali-gpu", h264, "train", frames=False)
-        assert resolve_backend("auto", h264, "train", frames=False) == "torch"
+            resolve_backend("dali-gpu", h264, "train", "video")
+        assert resolve_backend("auto", h264, "train", "video") == "torch"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_script(tmp_path):
     pytest.importorskip("nvidia.dali")
-    r = subprocess.run([sys.executable, "-m", "meld_dali.pipelines.gpu_check",
+    r = subprocess.run([sys.executable, "-m", "meld_dali.bench.gpu_check",
                         str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
                        timeout=1800)
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())

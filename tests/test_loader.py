@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from meld_dali.config import load_config
-from meld_dali.data import ClipOrder, LoaderSpec, TorchLoader, read_video_frames
+from meld_dali.data.base import ClipOrder, LoaderSpec
+from meld_dali.data.decode import read_video_frames
+from meld_dali.data.torch_loader import TorchLoader
 from meld_dali.manifest import Manifest
 from meld_dali.sampling import clip_indices
 from meld_dali.transforms import AugParams, apply_clip, draw_params
@@ -16,7 +18,8 @@ from meld_dali.transforms import AugParams, apply_clip, draw_params
 
 def loader(root, split="train", train=True, frames=False, bs=4, workers=0, T=8, **kw):
     cfg = load_config("demo", [f"data.num_frames={T}", f"loader.workers={workers}"])
-    spec = LoaderSpec(Manifest.load(root), split, train, bs, seed=3, use_frames=frames, **kw)
+    spec = LoaderSpec(Manifest.load(root), split, train, bs, seed=3,
+                      source="frames" if frames else "video", **kw)
     return TorchLoader(spec, cfg.data, cfg.loader), cfg
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import Config, load_config
-from meld_dali.data import SyntheticLoader
+from meld_dali.data.base import SyntheticLoader
 from meld_dali.errors import UserError
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.trainer import EarlyStopping, Trainer, build_scheduler, stages_for_epoch
@@ -82,7 +82,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(tmp_path):
                                  "optim.class_weights=none", "train.epochs=1"])
         loader = SyntheticLoader(data.video, data.mask, data.label, bs)
         net = TinyNet()
-        tr = Trainer(cfg, tmp_path, net, loader, loader, [1] * 7, torch.device("cpu"))
+        tr = Trainer(cfg, net, loader, loader, [1] * 7, torch.device("cpu"))
         tr.train_one_epoch()
         assert tr.step == 1
         results.append(net.fc.weight.detach().clone())
@@ -93,7 +93,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(tmp_path):
 def test_last_partial_accumulation_group_is_applied(tmp_path):
     cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=4", "train.epochs=1"])
     loader = SyntheticLoader.random(10, 4, 8, batch_size=2)  # 5 micro-batches: 4 + 1
-    tr = Trainer(cfg, tmp_path, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
+    tr = Trainer(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
     tr.train_one_epoch()
     assert tr.step == 2 and tr.scheduler.total_steps == 2
     assert all(p.grad is None for p in tr.model.parameters())

@@ -1,6 +1,6 @@
 """GPU check: the DALI mixed/GPU variant on real H.264 clips, the loader and trainer benches.
 
-    python -m meld_dali.pipelines.gpu_check OUT_DIR [--quick]
+    python -m meld_dali.bench.gpu_check OUT_DIR [--quick]
 
 Needs CUDA, DALI and PyAV (see shared/gpu/README.md for carrying DALI to a bare GPU machine).
 Writes OUT_DIR/gpu_check.json (pass/fail per check with the figures), bench JSON files and
@@ -19,20 +19,21 @@ from pathlib import Path
 import torch
 
 
-def check_pipeline(manifest, frames: bool, results: dict) -> None:
+def check_pipeline(manifest, source: str, results: dict) -> None:
     """Batch contract and eval values of dali-gpu against the CPU fallback, same clips."""
     from meld_dali.pipelines.loader import DaliLoader
 
     from meld_dali.config import load_config
-    from meld_dali.data import LoaderSpec, TorchLoader
+    from meld_dali.data.base import LoaderSpec
+    from meld_dali.data.torch_loader import TorchLoader
 
-    name = f"dali_gpu_{'frames' if frames else 'h264_video'}"
+    name = f"dali_gpu_{'frames' if source == 'frames' else 'h264_video'}"
     cfg = load_config("seed", ["loader.workers=4"])
     dev = torch.device("cuda")
     out: dict = {}
     for train in (False, True):
         spec = LoaderSpec(manifest, "dev" if not train else "train", train, 8, seed=0,
-                          device=dev, dtype=torch.float32, use_frames=frames)
+                          device=dev, dtype=torch.float32, source=source)
         gpu, cpu = DaliLoader(spec, cfg.data, cfg.loader, "gpu"), TorchLoader(
             spec, cfg.data, cfg.loader)
         diffs, padded_nonzero, n = [], 0, 0
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
                              "traceback": traceback.format_exc()}
         write_json(results, args.out / "gpu_check.json")
 
-    step("dali_gpu_h264_video", lambda: check_pipeline(manifest, False, results))
-    step("dali_gpu_frames", lambda: check_pipeline(manifest, True, results))
+    step("dali_gpu_h264_video", lambda: check_pipeline(manifest, "video", results))
+    step("dali_gpu_frames", lambda: check_pipeline(manifest, "frames", results))
 
     def loader_bench():
         cfg = load_config("seed", ["loader.workers=8"])
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             cfg = load_config("seed", ["loader.workers=8", "model.pretrained=",
                                        "train.batch_size=8", *over])
             rep = bench_train(cfg, manifest, ["synthetic", "dali-gpu", "torch"], steps=5,
-                              warmup=2, run_dir=args.out / f"run-{tag}")
+                              warmup=2)
             write_json(rep, args.out / f"bench_train_{tag}.json")
             results[f"bench_train_{tag}"] = {"ok": True, "rows": [
                 {k: r[k] for k in ("backend", "clips_per_s", "data_wait_share", "verdict",

@@ -1,0 +1,213 @@
+"""What every loader shares: the `Batch` contract, the clip order and one position in it.
+
+Every backend yields `Batch` on the training device, so the trainer never branches on which
+backend produced it. A loader's whole resumable state is its `Position` (epoch, clips taken
+from this rank's order), kept in one object: the order itself is a pure function of
+(seed, epoch, rank, world).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from meld_dali.errors import UserError
+from meld_dali.manifest import Manifest
+
+log = logging.getLogger("meld_dali.data")
+
+
+@dataclass
+class Batch:
+    video: torch.Tensor  # [B, 3, T, H, W] normalized, exactly 0 at padded frames
+    mask: torch.Tensor  # bool [B, T], True = real frame
+    label: torch.Tensor  # int64 [B]
+    index: torch.Tensor  # int64 [B], manifest row
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           channels_last: bool = False) -> Batch:
+        nb = torch.device(device).type == "cuda"
+        video = self.video.to(device, dtype=dtype or self.video.dtype, non_blocking=nb)
+        if channels_last:
+            video = video.contiguous(memory_format=torch.channels_last_3d)
+        return Batch(video, self.mask.to(device, non_blocking=nb),
+                     self.label.to(device, non_blocking=nb), self.index.to(device, non_blocking=nb))
+
+
+@dataclass
+class ClipFailure:
+    index: int
+    path: str
+    error: str
+
+
+@dataclass
+class LoaderSpec:
+    """What every backend needs to know to build a loader (no component config leaks)."""
+    manifest: Manifest
+    split: str
+    train: bool
+    batch_size: int
+    seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    rank: int = 0
+    world: int = 1
+    source: str = "video"  # resolved data.source: video | frames | cache
+
+
+@dataclass
+class ClipOrder:
+    """Deterministic, sharded order of manifest rows for one epoch (a pure function).
+
+    train: a permutation seeded by (seed, epoch), the same on every rank, each rank takes
+    every world-th clip and all ranks take the same count (the tail is dropped so DDP stays
+    in step); a lone last clip (a batch of 1 breaks BatchNorm) is dropped too.
+    eval: manifest order, every clip exactly once over all ranks (shards may differ by one).
+    """
+    rows: list[int]
+    train: bool
+    seed: int
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+
+    def order(self, epoch: int) -> list[int]:
+        rows = np.array(self.rows, dtype=np.int64)
+        if self.train:
+            rows = rows[np.random.default_rng([self.seed, epoch, 7]).permutation(len(rows))]
+            n = len(rows) // self.world
+            mine = rows[self.rank::self.world][:n]
+            if len(mine) % self.batch_size == 1 and len(mine) > 1:
+                mine = mine[:-1]
+            return mine.tolist()
+        return rows[self.rank::self.world].tolist()
+
+
+@dataclass
+class Position:
+    """Where a loader stands: the epoch, and how many clips of its order it has taken
+    (delivered or skipped as failures). All a resume needs."""
+    epoch: int = 0
+    consumed: int = 0
+
+
+class ClipLoader:
+    """The base of every loader: the position, the failure report, epochs.
+
+    A subclass gives `rows(epoch)` (its order) and `_batches()`, which yields the Batches
+    of the rest of the current epoch and advances `position.consumed` by every clip it takes
+    from the order; a completed pass moves the position to the next epoch's start."""
+
+    backend = "?"
+
+    def __init__(self, batch_size: int, seed: int = 0):
+        self.batch_size, self.seed = batch_size, seed
+        self.position = Position()
+        self.failures: list[ClipFailure] = []
+
+    def rows(self, epoch: int) -> list[int]:
+        raise NotImplementedError
+
+    def _batches(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.rows(self.position.epoch))
+
+    def __len__(self) -> int:
+        return -(-self.num_clips // self.batch_size)
+
+    def remaining(self) -> list[int]:
+        """The rows of the current epoch not yet taken."""
+        return self.rows(self.position.epoch)[self.position.consumed:]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.position.epoch:
+            self.position = Position(epoch, 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        yield from self._batches()
+        # the pass is complete: the next epoch starts from its beginning
+        self.position = Position(self.position.epoch + 1, 0)
+
+    def report(self, f: ClipFailure) -> None:
+        self.failures.append(f)
+        log.warning("skipped clip %s (manifest row %d): %s", f.path, f.index, f.error)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position.epoch, "consumed": self.position.consumed,
+                "seed": self.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("seed", self.seed) != self.seed:
+            raise UserError(f"loader state was saved with seed {sd['seed']}, "
+                            f"this run uses {self.seed}")
+        self.position = Position(int(sd["epoch"]), int(sd["consumed"]))
+
+
+class ManifestLoader(ClipLoader):
+    """A loader over manifest rows: this rank's `ClipOrder` of one split."""
+
+    def __init__(self, spec: LoaderSpec):
+        super().__init__(spec.batch_size, spec.seed)
+        self.spec = spec
+        self.order = ClipOrder(spec.manifest.ok(spec.split), train=spec.train, seed=spec.seed,
+                               batch_size=spec.batch_size, rank=spec.rank, world=spec.world)
+
+    def rows(self, epoch: int) -> list[int]:
+        return self.order.order(epoch)
+
+    def deliver(self, batch: Batch) -> Batch:
+        """A CPU-side batch -> the training device, dtype and memory format."""
+        s = self.spec
+        return batch.to(s.device, s.dtype, s.channels_last)
+
+
+class SyntheticLoader(ClipLoader):
+    """In-memory batches with no decoding at all: times the model without the loader
+    (bench train) and gives tests exact, repeatable batches."""
+
+    backend = "synthetic"
+
+    def __init__(self, video: torch.Tensor, mask: torch.Tensor, label: torch.Tensor,
+                 batch_size: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, channels_last: bool = False):
+        super().__init__(batch_size)
+        self.video, self.mask, self.label = video, mask, label
+        self.device, self.dtype = torch.device(device), dtype
+        self.channels_last = channels_last
+
+    @classmethod
+    def random(cls, n: int, num_frames: int, size: int, batch_size: int, seed: int = 0, **kw):
+        g = torch.Generator().manual_seed(seed)
+        video = torch.randn(n, 3, num_frames, size, size, generator=g)
+        mask = torch.ones(n, num_frames, dtype=torch.bool)
+        label = torch.randint(0, 7, (n,), generator=g)
+        # made once, already where the model runs: no copy per step (bench: model alone)
+        dev, dtype = kw.get("device", "cpu"), kw.get("dtype") or video.dtype
+        video = video.to(dev, dtype)
+        if kw.get("channels_last"):
+            video = video.contiguous(memory_format=torch.channels_last_3d)
+        return cls(video, mask.to(dev), label.to(dev), batch_size, **kw)
+
+    def rows(self, epoch: int) -> list[int]:
+        return list(range(len(self.label)))
+
+    def _batches(self) -> Iterator[Batch]:
+        n = len(self.label)
+        while self.position.consumed < n:
+            s = slice(self.position.consumed, self.position.consumed + self.batch_size)
+            self.position.consumed = min(self.position.consumed + self.batch_size, n)
+            idx = torch.arange(n, device=self.label.device)[s]
+            yield Batch(self.video[s], self.mask[s], self.label[s], idx).to(
+                self.device, self.dtype, self.channels_last)

@@ -1,0 +1,103 @@
+"""Frames of one clip, decoded: from its video (PyAV), its JPEG frame folder (PIL) or its
+cached re-encoding, and `to_clip`, the CPU form of the augmentation + pad + mask step.
+
+What `predict`, multi-view testing, the CPU loader and the DALI loader's CPU recovery share;
+no loader lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from meld_dali.config import DataConfig
+from meld_dali.manifest import Manifest
+from meld_dali.transforms import AugParams, apply_clip
+
+SEEK_GAP = 96  # frames: skipping more than this many pays for a seek to a keyframe
+
+
+def read_video_frames(path: str | Path, indices: np.ndarray,
+                      seek_gap: int = SEEK_GAP) -> np.ndarray:
+    """Decode the frames at sorted `indices` (uint8 [k, H, W, 3]).
+
+    Decoding streams forward and stops at the last wanted frame; across a gap of more than
+    `seek_gap` frames (MELD's long outliers) it seeks to the keyframe before the next
+    wanted frame and numbers frames by their timestamps from there. Frames a lying container
+    does not actually hold are returned as fewer rows."""
+    wanted = [int(i) for i in indices]
+    out: list[np.ndarray] = []
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate, tb = stream.average_rate, stream.time_base
+        ticks = float(1 / (rate * tb)) if rate and tb else None  # pts ticks per frame
+        t0 = stream.start_time or 0
+        frames = c.decode(stream)
+        pos, j, by_pts, sought = -1, 0, False, -1
+
+        def worth_seeking() -> bool:  # far ahead, and not the frame just sought
+            return bool(ticks) and wanted[j] - pos > seek_gap and wanted[j] != sought
+
+        while j < len(wanted):
+            if worth_seeking():
+                sought = wanted[j]
+                c.seek(t0 + int(sought * ticks), stream=stream, backward=True)
+                frames, by_pts = c.decode(stream), True
+            decoded = False
+            for frame in frames:
+                decoded = True
+                pos = (round((frame.pts - t0) / ticks) if by_pts and frame.pts is not None
+                       else pos + 1)
+                while j < len(wanted) and wanted[j] < pos:  # overshot: not in the file
+                    j += 1
+                if j < len(wanted) and wanted[j] == pos:
+                    img = frame.to_ndarray(format="rgb24")
+                    while j < len(wanted) and wanted[j] == pos:
+                        out.append(img)
+                        j += 1
+                if j == len(wanted) or worth_seeking():
+                    break
+            if not decoded:
+                break  # end of stream
+    if not out:
+        raise ValueError("no frame could be decoded")
+    return np.stack(out)
+
+
+def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
+    folder = Path(folder)
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.jpg").convert("RGB"))
+                     for i in indices.tolist()])
+
+
+# source -> (where the clip's frames are, how to read them); `data.source` resolves to one
+READERS = {"video": (Manifest.video_path, read_video_frames),
+           "frames": (Manifest.frames_path, read_frame_folder)}
+
+
+def clip_source_path(manifest: Manifest, clip: dict, source: str) -> Path:
+    return READERS[source][0](manifest, clip)
+
+
+def read_clip(manifest: Manifest, clip: dict, indices: np.ndarray, source: str) -> np.ndarray:
+    """Frames uint8 [k, H, W, 3] of one manifest clip from the resolved `source`."""
+    where, read = READERS[source]
+    return read(where(manifest, clip), indices)
+
+
+def to_clip(frames: np.ndarray, cfg: DataConfig,
+            params: AugParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded uint8 [k, H, W, 3] frames -> (video [3, T, S, S] transformed and normalized,
+    exactly 0 in the T - k padded slots; mask bool [T], True for the k real frames)."""
+    x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), cfg, params)
+    k = x.shape[1]
+    video = torch.zeros(3, cfg.num_frames, cfg.crop_size, cfg.crop_size)
+    video[:, :k] = x
+    mask = torch.zeros(cfg.num_frames, dtype=torch.bool)
+    mask[:k] = True
+    return video, mask

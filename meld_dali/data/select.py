@@ -1,0 +1,89 @@
+"""Which source and which backend can run here, and `build_loader`: the one place that knows
+every backend. The DALI backend (meld_dali.pipelines) is imported lazily, only when chosen,
+so everything else works where DALI is absent."""
+
+from __future__ import annotations
+
+import torch
+
+from meld_dali.config import DataConfig, LoaderConfig
+from meld_dali.data.base import ClipLoader, LoaderSpec
+from meld_dali.data.torch_loader import TorchLoader
+from meld_dali.errors import UserError
+from meld_dali.manifest import Manifest
+
+BACKENDS = ("dali-gpu", "dali-cpu", "torch")
+DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
+
+
+def dali_available() -> tuple[bool, str]:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return False, f"NVIDIA DALI is not installed ({e})"
+    return True, ""
+
+
+def source_problem(manifest: Manifest, source: str) -> str:
+    """Why the manifest cannot be read from `source` ('' when it can)."""
+    if source == "frames" and not manifest.has_frames:
+        return ("no frame folders were extracted (run `meld-dali prepare ROOT --frames DIR`)")
+    return ""
+
+
+def resolve_source(manifest: Manifest, requested: str) -> str:
+    """`data.source` -> what the loaders read: auto = frame folders when extracted, else the
+    videos."""
+    if requested == "auto":
+        return "frames" if manifest.has_frames else "video"
+    why = source_problem(manifest, requested)
+    if why:
+        raise UserError(f"{manifest.path}: data.source={requested}, but {why}")
+    return requested
+
+
+def source_codecs(manifest: Manifest, split: str, source: str) -> set[str]:
+    """The codecs a backend must decode to read `split` from `source`."""
+    if source == "frames":
+        return {"jpeg"}
+    return {manifest.clips[i]["codec"] or "?" for i in manifest.ok(split)}
+
+
+def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -> str:
+    """Why `backend` cannot run here on this data ('' when it can)."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
+    if backend == "torch":
+        return ""
+    ok, why = dali_available()
+    if not ok:
+        return why
+    if backend == "dali-gpu":
+        return "" if torch.cuda.is_available() else "no CUDA device is visible"
+    bad = source_codecs(manifest, split, source) - DALI_CPU_CODECS - {"jpeg"}
+    return (f"DALI's CPU video decoder takes VP8/VP9/MJPEG only; this data is "
+            f"{', '.join(sorted(bad))} (use dali-gpu, torch, or frame folders from "
+            "`prepare --frames`)") if bad else ""
+
+
+def resolve_backend(requested: str, manifest: Manifest, split: str, source: str) -> str:
+    if requested == "auto":
+        for b in ("dali-gpu", "dali-cpu"):
+            if not backend_problem(b, manifest, split, source):
+                # dali-cpu only where it beats the fallback: frame folders or VP9/MJPEG
+                return b
+        return "torch"
+    why = backend_problem(requested, manifest, split, source)
+    if why:
+        raise UserError(f"backend {requested} cannot run here: {why}")
+    return requested
+
+
+def build_loader(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig,
+                 backend: str) -> ClipLoader:
+    """The one place that knows the backends. `backend` must be resolved already."""
+    if backend == "torch":
+        return TorchLoader(spec, data, cfg)
+    from meld_dali.pipelines.loader import DaliLoader  # lazy: DALI is optional
+
+    return DaliLoader(spec, data, cfg, device=backend.split("-")[1])

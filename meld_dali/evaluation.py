@@ -1,0 +1,82 @@
+"""Scoring a split: predictions over every clip once (gathered over DDP ranks), metrics, and
+the per-clip rows that tracking shows. Used by the trainer each epoch and by `evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from meld_dali.config import EMOTIONS
+from meld_dali.metrics import classification_metrics
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@torch.no_grad()
+def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist: Dist):
+    """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once,
+    gathered over ranks."""
+    net.eval()
+    labels, probs, rows = [], [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            logits = net(batch.video, batch.mask)
+        probs.append(logits.float().softmax(-1).cpu())
+        labels.append(batch.label.cpu())
+        rows.append(batch.index.cpu())
+    if labels:
+        labels, probs, rows = torch.cat(labels), torch.cat(probs), torch.cat(rows)
+    else:
+        labels, probs, rows = (torch.zeros(0, dtype=torch.int64),
+                               torch.zeros(0, len(EMOTIONS)), torch.zeros(0, dtype=torch.int64))
+    return gather(labels, probs, rows, dist)
+
+
+def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: Dist):
+    """All ranks' predictions, each clip once, in manifest order."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        parts: list = [None] * dist.world
+        tdist.all_gather_object(parts, (labels, probs, rows))
+        labels = torch.cat([p[0] for p in parts])
+        probs = torch.cat([p[1] for p in parts])
+        rows = torch.cat([p[2] for p in parts])
+        order = torch.argsort(rows)
+        labels, probs, rows = labels[order], probs[order], rows[order]
+    return labels.numpy(), probs.numpy(), rows.numpy()
+
+
+def share_rank0_buffers(model: nn.Module, dist: Dist) -> None:
+    """BatchNorm running statistics drift apart per rank (DDP runs with
+    broadcast_buffers=False): evaluate every shard with rank 0's, the checkpoint's."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        for buf in model.buffers():
+            tdist.broadcast(buf, src=0)
+
+
+def score(labels: np.ndarray, probs: np.ndarray, rows: np.ndarray,
+          clip_ids: list[str]) -> tuple[dict, list[dict]]:
+    """Metrics of the predictions, and one row per clip (id, true, predicted, confidence)."""
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    predictions = [
+        {"clip_id": clip_ids[r] if r < len(clip_ids) else str(r),
+         "true": EMOTIONS[y], "predicted": EMOTIONS[p], "confidence": float(c)}
+        for r, y, p, c in zip(rows.tolist(), labels.tolist(), pred.tolist(), conf.tolist(),
+                              strict=True)]
+    return classification_metrics(labels, pred), predictions
