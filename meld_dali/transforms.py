@@ -9,9 +9,8 @@ Colour follows DALI's brightness_contrast: out = b * (0.5 + c * (x - 0.5)), x in
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 
@@ -27,9 +26,6 @@ class AugParams:
     angle: float = 0.0  # degrees, counter-clockwise
     brightness: float = 1.0
     contrast: float = 1.0
-
-    def as_array(self) -> np.ndarray:
-        return np.array(astuple(self), dtype=np.float32)
 
 
 EVAL_PARAMS = AugParams()

@@ -74,29 +74,53 @@ class TinyNet(nn.Module):
         return self.fc(video.mean(dim=(2, 3, 4)))
 
 
-def test_accumulating_4_micro_batches_equals_one_4x_batch(tmp_path):
+class GradProbe(Trainer):
+    """The real Trainer, recording each applied gradient and the weights it applies to."""
+
+    def optimizer_step(self):
+        self.seen = getattr(self, "seen", [])
+        self.seen.append(({n: p.detach().clone() for n, p in self.model.named_parameters()},
+                          {n: p.grad.clone() for n, p in self.model.named_parameters()}))
+        super().optimizer_step()
+
+
+def test_accumulating_4_micro_batches_equals_one_4x_batch():
+    """Same gradient (not just a similar AdamW step, which is ~lr*sign(g) on step one and
+    would hide a constant scale error) and the same weights."""
     data = SyntheticLoader.random(8, 4, 8, batch_size=2, seed=1)
-    results = []
+    runs = []
     for bs, accum in ((2, 4), (8, 1)):
         cfg = load_config(None, [f"train.batch_size={bs}", f"train.accum_steps={accum}",
                                  "optim.class_weights=none", "train.epochs=1"])
         loader = SyntheticLoader(data.video, data.mask, data.label, bs)
-        net = TinyNet()
-        tr = Trainer(cfg, net, loader, loader, [1] * 7, torch.device("cpu"))
+        tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
         tr.train_one_epoch()
         assert tr.step == 1
-        results.append(net.fc.weight.detach().clone())
-    assert torch.allclose(results[0], results[1], atol=1e-6)
-    assert not torch.equal(results[0], TinyNet().fc.weight)
+        runs.append(tr)
+    (_, g_acc), (_, g_big) = runs[0].seen[0], runs[1].seen[0]
+    for name in g_big:
+        assert torch.allclose(g_acc[name], g_big[name], rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(runs[0].model.fc.weight, runs[1].model.fc.weight, atol=1e-6)
+    assert not torch.equal(runs[0].model.fc.weight, TinyNet().fc.weight)
 
 
-def test_last_partial_accumulation_group_is_applied(tmp_path):
-    cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=4", "train.epochs=1"])
+def test_last_partial_accumulation_group_is_applied():
+    """5 micro-batches at accumulation 4: a group of 4, then a group of 1 whose gradient is
+    that one batch's own (scaled by 1/1, not 1/4)."""
+    cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=4", "train.epochs=1",
+                             "optim.class_weights=none"])
     loader = SyntheticLoader.random(10, 4, 8, batch_size=2)  # 5 micro-batches: 4 + 1
-    tr = Trainer(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
+    tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
     tr.train_one_epoch()
     assert tr.step == 2 and tr.scheduler.total_steps == 2
     assert all(p.grad is None for p in tr.model.parameters())
+    weights, grads = tr.seen[1]
+    net = TinyNet()
+    net.load_state_dict(weights)
+    loss = tr.criterion(net(loader.video[8:], loader.mask[8:]), loader.label[8:])
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert torch.allclose(p.grad, grads[name], rtol=1e-5, atol=1e-7), name
 
 
 def read_metrics(run_dir):
@@ -144,6 +168,45 @@ def test_resume_equality_across_unfreezing(synth_root, tiny_cfg, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(("_s", "share"))}
                           for r in rows]
     assert strip(ma) == strip(mb)
+
+
+class StopAtStep:
+    """A tracker that asks the trainer to stop (as SIGINT would) at a given optimizer step."""
+    run_id = None
+
+    def __init__(self, trainer, step):
+        self.trainer, self.at = trainer, step
+
+    def log(self, data, step):
+        if step == self.at:
+            self.trainer.request_stop("test")
+
+    def log_epoch(self, *a, **k): ...
+
+    def finish(self): ...
+
+
+def test_resume_equality_mid_epoch_in_process(synth_root, tiny_cfg, tmp_path):
+    """N steps straight == stop mid-epoch after k steps (last.pt written to disk), build a
+    new trainer from that file, train the rest: bit-exact on CPU, accumulation included."""
+    tiny_cfg.data.root = str(synth_root)
+    tiny_cfg.train.epochs = 2
+    tiny_cfg.train.accum_steps = 2
+    tiny_cfg.train.max_steps_per_epoch = 3
+    straight, _ = build_trainer(tiny_cfg, tmp_path / "a")
+    straight.train()
+    first, _ = build_trainer(tiny_cfg, tmp_path / "b")
+    first.reporter.tracker = StopAtStep(first, 2)
+    result = first.train()
+    assert result["interrupted"] and first.epoch == 0 and first.step == 2
+    saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert saved["loader"]["consumed"] == 2 * 2 * tiny_cfg.train.batch_size  # mid-epoch
+    resumed, _ = build_trainer(tiny_cfg, tmp_path / "b", resume="auto")
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.step == straight.step == 6
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 def test_resume_refuses_another_config(synth_root, tiny_cfg, tmp_path):
