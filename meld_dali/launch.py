@@ -14,7 +14,7 @@ import torch
 
 from meld_dali import checkpoint as ckpt_io
 from meld_dali import hub
-from meld_dali.config import Config, dump_config
+from meld_dali.config import Config, config_from_saved, dump_config
 from meld_dali.data import LoaderSpec, build_loader, resolve_backend, use_frames
 from meld_dali.errors import UserError
 from meld_dali.manifest import MANIFEST_NAME, Manifest, prepare
@@ -144,7 +144,8 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, "
                         "or choose another --out")
     if state is not None:
-        diff = ckpt_io.config_mismatch(state["config"], cfg.to_dict())
+        saved = config_from_saved(state["config"], "the checkpoint's config").to_dict()
+        diff = ckpt_io.config_mismatch(saved, cfg.to_dict())
         if diff:
             raise UserError(f"checkpoint was trained with another config: {'; '.join(diff)}")
     if not cfg.data.root:

@@ -22,12 +22,12 @@ def test_seed_defaults_are_the_recipe():
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(Config(), ["train.epochs=5", "optim.max_lr=2e-3", "optim.base_lr=1",
+    c = apply_overrides(Config(), ["train.epochs=5", "optim.max_lr=2e-3", "optim.focal_gamma=1",
                                    "tracking.wandb=false", "hub.repo_id=me/meld",
                                    "train.unfreeze={1: res5}", "data.brightness=[0.9, 1.1]",
                                    "train.amp=off", "loader.channels_last=true"])
     assert c.train.epochs == 5 and c.optim.max_lr == 2e-3
-    assert isinstance(c.optim.base_lr, float) and c.optim.base_lr == 1.0
+    assert isinstance(c.optim.focal_gamma, float) and c.optim.focal_gamma == 1.0
     assert c.tracking.wandb is False and c.hub.repo_id == "me/meld"
     assert c.train.unfreeze == {1: "res5"} and c.data.brightness == [0.9, 1.1]
     assert c.train.amp == "off" and c.loader.channels_last == "true"  # YAML 1.1 booleans
