@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meld_dali.config import BACKENDS, SPLITS
@@ -279,7 +280,7 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
 def bench_train(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                 backends: str = typer.Option("synthetic,dali-gpu,dali-cpu,torch"),
                 steps: int = typer.Option(5, min=1, help="timed optimizer steps"),
-                warmup: int = typer.Option(2, min=0,
+                warmup: int = typer.Option(2, min=1,  # 0 would mean a full epoch
                                            help="warm-up steps (compilation included)"),
                 source: str = typer.Option("auto", help="auto|video|frames"),
                 config: Path = typer.Option(None, help="recipe (default: seed)"),
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
