@@ -288,8 +288,8 @@ def notes(cfg: Config) -> list[str]:
     t, out = cfg.train, []
     late = {ep: s for ep, s in sorted(t.unfreeze.items()) if ep >= t.epochs}
     if late and t.freeze_backbone:
-        out.append(f"train.unfreeze: {', '.join(late.values())} (epoch "
-                   f"{', '.join(map(str, late))}) never unfreeze in train.epochs={t.epochs}")
+        out.append(f"train.unfreeze: {', '.join(f'{s} at epoch {ep}' for ep, s in late.items())}"
+                   f" never unfreeze in train.epochs={t.epochs} (unless extended on resume)")
     if t.min_epochs > t.epochs:
         out.append(f"train.min_epochs={t.min_epochs} > train.epochs={t.epochs}: early "
                    "stopping cannot act in this run")
