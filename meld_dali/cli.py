@@ -14,8 +14,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from meld_dali.config import BACKENDS, SPLITS
 from meld_dali.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -33,11 +35,8 @@ class Codec(str, Enum):
     mjpeg = "mjpeg"
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    dali_gpu = "dali-gpu"
-    dali_cpu = "dali-cpu"
-    torch = "torch"
+# loader.backend's choices, from the config's Literal (one source)
+Backend = Enum("Backend", {n.replace("-", "_"): n for n in ("auto", *BACKENDS)}, type=str)
 
 
 def progress() -> Progress:
@@ -47,7 +46,8 @@ def progress() -> Progress:
 
 @app.command()
 def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset into"),
-          clips: int = typer.Option(300, help="labelled clips over all splits"),
+          clips: int = typer.Option(300, min=21, help="labelled clips over all splits "
+                                    "(at least 21: every class in every split)"),
           codec: Codec = typer.Option(Codec.h264, help="video codec"),
           size: str = typer.Option("64x48", help="frame size WxH (even numbers)"),
           seed: int = typer.Option(0, help="random seed (same seed, same dataset)"),
@@ -62,8 +62,6 @@ def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset 
         raise UserError(f"--size {size!r}: expected WxH, e.g. 64x48") from None
     if w % 2 or h % 2 or w < 16 or h < 16:
         raise UserError(f"--size {size}: width and height must be even and at least 16")
-    if clips < 21:
-        raise UserError(f"--clips {clips}: need at least 21 (every class in every split)")
     with progress() as p:
         info = make(out_dir, SynthSpec(clips=clips, codec=codec.value, width=w, height=h,
                                        seed=seed, faults=faults), progress=p)
@@ -76,8 +74,9 @@ def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset 
 def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpacked)"),
                 out_dir: Path = typer.Option(None, "--out", help="manifest folder (default ROOT)"),
                 frames: Path = typer.Option(None, help="extract JPEG frame folders here"),
-                short_side: int = typer.Option(256, help="frame folders: shorter side in px"),
-                workers: int = typer.Option(2, help="parallel probe/extract processes")):
+                short_side: int = typer.Option(256, min=16,
+                                               help="frame folders: shorter side in px"),
+                workers: int = typer.Option(2, min=1, help="parallel probe/extract processes")):
     """Probe every labelled clip and write the manifest (and optionally frame folders)."""
     from meld_dali.manifest import prepare
     from meld_dali.report import print_report
@@ -97,7 +96,6 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
           backend: Backend = typer.Option(None, help="loader backend (overrides config)")):
     """Train SlowFast R50 on MELD (or, with --demo, on synthetic data)."""
     from meld_dali.config import load_config
-    from meld_dali.launch import run_training
 
     overrides = list(set_)
     if backend is not None:
@@ -105,6 +103,8 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
     if data is not None:
         overrides.append(f"data.root={data}")
     cfg = load_config(config if config else ("demo" if demo else None), overrides)
+    from meld_dali.launch import run_training  # after the config is checked: torch is slow
+
     if demo and not cfg.data.root:
         cfg.data.root = str(demo_data(Path("runs") / "demo-data"))
     run_dir = out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -132,7 +132,7 @@ def demo_data(root: Path) -> Path:
 @app.command()
 def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
              data: Path = typer.Option(None, help="prepared MELD root (default: the run's)"),
-             split: str = typer.Option("dev", help="dev or test"),
+             split: str = typer.Option("dev", help="dev or test (or train)"),
              backend: Backend = typer.Option(Backend.auto, help="loader backend"),
              views: str = typer.Option("", help="multi-view testing TEMPORALxSPATIAL, e.g. 3x3"),
              device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -145,15 +145,9 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     from meld_dali.metrics import plot_confusion
     from meld_dali.report import evaluation_table
 
-    if split not in ("train", "dev", "test"):
+    if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose dev or test (or train)")
-    mv = None
-    if views:
-        try:
-            mv = tuple(int(v) for v in views.lower().split("x"))
-            assert len(mv) == 2 and min(mv) >= 1
-        except (ValueError, AssertionError):
-            raise UserError(f"--views {views!r}: expected TEMPORALxSPATIAL, e.g. 3x3") from None
+    mv = parse_views(views) if views else None
     loaded = load_for_inference(checkpoint, device)
     result = run(loaded, data, split, backend.value, mv)
     out.print(evaluation_table(result))
@@ -163,6 +157,18 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     if png:
         plot_confusion(result["confusion"], png, f"{split}, {checkpoint.name}")
         console.print(f"wrote {png}")
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    """'3x3' -> (3, 3); both counts at least 1."""
+    bad = UserError(f"--views {text!r}: expected TEMPORALxSPATIAL with counts >= 1, e.g. 3x3")
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise bad
+    t, s = (int(p) for p in parts)
+    if t < 1 or s < 1:
+        raise bad
+    return t, s
 
 
 @app.command()
@@ -240,16 +246,16 @@ def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
 def bench_loader(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                  backends: str = typer.Option("dali-gpu,dali-cpu,torch", help="comma list"),
                  sources: str = typer.Option("video,frames", help="video and/or frames"),
-                 batches: int = typer.Option(10, help="timed batches per repeat"),
-                 repeats: int = typer.Option(3, help="timed repeats (median reported)"),
-                 batch_size: int = typer.Option(8, help="clips per batch"),
-                 workers: int = typer.Option(2, help="DataLoader workers = DALI threads"),
+                 batches: int = typer.Option(10, min=1, help="timed batches per repeat"),
+                 repeats: int = typer.Option(3, min=1, help="timed repeats (median reported)"),
+                 batch_size: int = typer.Option(8, min=1, help="clips per batch"),
+                 workers: int = typer.Option(2, min=0, help="DataLoader workers = DALI threads"),
                  config: Path = typer.Option(None, help="recipe for data settings (seed)"),
                  set_: list[str] = typer.Option([], "--set", help="override: section.key=v"),
                  json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
                  plot: Path = typer.Option(None, help="write a bar chart PNG"),
                  save: bool = typer.Option(False, "--save", help="also write bench/results/"),
-                 soak_epochs: int = typer.Option(0, help="memory soak: full epochs per "
+                 soak_epochs: int = typer.Option(0, min=0, help="memory soak: full epochs per "
                                                  "backend, RSS per epoch")):
     """Loader throughput per backend on the same manifest."""
     from meld_dali.bench.loader import bench_loader as run
@@ -273,8 +279,9 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
 @bench_app.command("train")
 def bench_train(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                 backends: str = typer.Option("synthetic,dali-gpu,dali-cpu,torch"),
-                steps: int = typer.Option(5, help="timed optimizer steps"),
-                warmup: int = typer.Option(2, help="warm-up steps (compilation included)"),
+                steps: int = typer.Option(5, min=1, help="timed optimizer steps"),
+                warmup: int = typer.Option(2, min=1,  # 0 would mean a full epoch
+                                           help="warm-up steps (compilation included)"),
                 source: str = typer.Option("auto", help="auto|video|frames"),
                 config: Path = typer.Option(None, help="recipe (default: seed)"),
                 set_: list[str] = typer.Option([], "--set", help="override: section.key=v, "
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

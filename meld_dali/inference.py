@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from meld_dali.checkpoint import load_checkpoint
-from meld_dali.config import EMOTIONS, Config, from_dict
+from meld_dali.config import EMOTIONS, Config, config_from_saved
 from meld_dali.data.base import LoaderSpec
 from meld_dali.data.decode import read_clip, read_video_frames, to_clip
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
@@ -37,7 +37,7 @@ def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
     ckpt = load_checkpoint(path)
     if list(ckpt.get("emotions", EMOTIONS)) != list(EMOTIONS):
         raise UserError(f"{path}: trained with classes {ckpt['emotions']}, expected {EMOTIONS}")
-    cfg = from_dict(ckpt["config"], where=str(path))
+    cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.pretrained = ""  # the checkpoint holds every weight: no download
     dev = pick_device(device)
     model = SlowFastMELD(cfg.model)

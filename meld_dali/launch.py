@@ -15,7 +15,7 @@ import torch
 
 from meld_dali import checkpoint as ckpt_io
 from meld_dali import hub
-from meld_dali.config import Config, dump_config
+from meld_dali.config import Config, config_from_saved, dump_config
 from meld_dali.data.base import LoaderSpec
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
@@ -158,7 +158,8 @@ def load_resume_state(cfg: Config, run_dir: Path, resume: str | None, console=No
         raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, "
                         "or choose another --out")
     if state is not None:
-        diff = ckpt_io.config_mismatch(state["config"], cfg.to_dict())
+        saved = config_from_saved(state["config"], "the checkpoint's config").to_dict()
+        diff = ckpt_io.config_mismatch(saved, cfg.to_dict())
         if diff:
             raise UserError(f"checkpoint was trained with another config: {'; '.join(diff)}")
     return state

@@ -14,10 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meld_dali.config import EMOTIONS
+from meld_dali.config import EMOTIONS, SPLITS
 from meld_dali.errors import UserError
 
-SPLITS = ("train", "dev", "test")
 CSV_NAMES = {s: f"{s}_sent_emo.csv" for s in SPLITS}
 VIDEO_DIRS = {"train": "train_splits", "dev": "dev_splits_complete",
               "test": "output_repeated_splits_test"}

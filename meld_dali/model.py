@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from meld_dali.config import ModelConfig
+from meld_dali.config import STAGES, ModelConfig  # STAGES: backbone blocks, in order
 
 log = logging.getLogger("meld_dali.model")
 
 # pytorchvideo's Kinetics-400 SlowFast 8x8 R50 checkpoint (its model zoo).
 K400_URL = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/SLOWFAST_8x8_R50.pyth"
-STAGES = ("stem", "res2", "res3", "res4", "res5")  # backbone blocks, in order
 FEATURES = 2048 + 256  # slow + fast channels after res5
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from meld_dali.config import DataConfig, LoaderConfig
+from meld_dali.config import BACKENDS, DataConfig, LoaderConfig
 from meld_dali.data.base import ClipLoader, LoaderSpec
 from meld_dali.data.torch_loader import TorchLoader
 from meld_dali.errors import UserError
 from meld_dali.manifest import Manifest
 
-BACKENDS = ("dali-gpu", "dali-cpu", "torch")
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
 
