@@ -71,13 +71,32 @@ class CheckpointSaver:
             self.on_best()
 
 
+def _numpy_rng_globals() -> list:
+    """What a numpy RNG state pickles to: allowed so checkpoints written before the RNG
+    state was stored as plain values still load, and nothing else."""
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        names.append(dtypes.UInt32DType)
+    return names
+
+
+def load_data(path: str | Path) -> Any:
+    """torch.load as data only (weights_only=True): tensors, numbers, strings and containers.
+    A crafted file cannot run code; it fails to load instead."""
+    with torch.serialization.safe_globals(_numpy_rng_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and validate a checkpoint; a truncated or foreign file is a one-line UserError."""
+    """Load and validate a checkpoint (as data, never code); a truncated, foreign or crafted
+    file is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_data(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a broken file
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'truncated?'})") from None
@@ -106,7 +125,10 @@ def find_resume(run_dir: str | Path, log=None) -> tuple[Path, dict] | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as plain values and tensors (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -115,7 +137,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

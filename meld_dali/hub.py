@@ -4,6 +4,7 @@ upload failure is retried with backoff and never touches the local run folder.""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, HubConfig
 
 log = logging.getLogger("meld_dali.hub")
@@ -62,10 +64,23 @@ Full config: `config.yaml`. Load `model.pt` with `meld-dali predict model.pt VID
 """
 
 
+def public_config(config: dict) -> dict:
+    """The config as published: no local paths (data root, caches, a local weights file);
+    the pushed model.pt holds every weight, so nothing is lost."""
+    out = copy.deepcopy(config)
+    out["data"]["root"] = ""
+    out["model"]["cache_dir"] = ""
+    pretrained = out["model"]["pretrained"]
+    if pretrained and not pretrained.startswith(("k400", "http://", "https://", "hf://")):
+        out["model"]["pretrained"] = ""
+    return out
+
+
 def inference_state(ckpt: dict) -> dict:
-    """What inference needs from a training checkpoint: no optimizer, no RNG, no loader."""
-    keep = ("format", "version", "emotions", "config", "model", "epoch", "step", "stages")
-    return {k: ckpt[k] for k in keep if k in ckpt}
+    """What inference needs from a training checkpoint: no optimizer, no RNG, no loader,
+    no local paths."""
+    keep = ("format", "version", "emotions", "model", "epoch", "step", "stages")
+    return {**{k: ckpt[k] for k in keep if k in ckpt}, "config": public_config(ckpt["config"])}
 
 
 def _token(api) -> str | None:
@@ -95,16 +110,17 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
         return False
     from huggingface_hub import CommitOperationAdd
 
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)  # read-only use
+    ckpt = load_checkpoint(best)  # read-only use, data only
     history = ckpt.get("history") or [{}]
     metrics = max(history, key=lambda r: r.get("weighted_f1", -1))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         torch.save(inference_state(ckpt), staged / "model.pt")
-        (staged / "config.yaml").write_text(yaml.safe_dump(ckpt["config"], sort_keys=False))
+        config = public_config(ckpt["config"])
+        (staged / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staged / "metrics.json").write_text(json.dumps(
             {"best": metrics, "history": history}, indent=2))
-        (staged / "README.md").write_text(model_card(cfg.repo_id, ckpt["config"], metrics,
+        (staged / "README.md").write_text(model_card(cfg.repo_id, config, metrics,
                                                      metrics.get("epoch", ckpt["epoch"])))
         ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                for p in sorted(staged.iterdir())]

@@ -199,6 +199,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         clip_ids=[c["clip_id"] for c in manifest.clips])
     if state is not None:
         trainer.load_state_dict(state)
+        trainer.reporter.rewind(trainer.epoch)
     if console and dist.main:
         console.print(f"run {run_dir}: backend {backend}, device {device}, "
                       f"{train_loader.num_clips} train / {eval_loader.num_clips} "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from meld_dali.checkpoint import load_data
 from meld_dali.config import STAGES, ModelConfig  # STAGES: backbone blocks, in order
 
 log = logging.getLogger("meld_dali.model")
@@ -134,7 +135,7 @@ def _fetch_state(source: str, cache_dir: str) -> dict:
     if source.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(
             source, model_dir=cache_dir or None, map_location="cpu", progress=False,
-            check_hash=False)
+            check_hash=False, weights_only=True)  # data only: a swapped file runs no code
     if source.startswith("hf://"):
         from huggingface_hub import hf_hub_download
 
@@ -143,11 +144,11 @@ def _fetch_state(source: str, cache_dir: str) -> dict:
             parts = repo.split("/")
             repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
         path = hf_hub_download(repo, filename, cache_dir=cache_dir or None)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_data(path)
     p = Path(source).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    return load_data(p)
 
 
 def _plain_ints(module: nn.Module) -> None:

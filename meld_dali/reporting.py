@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from meld_dali.metrics import plot_confusion
@@ -44,6 +45,19 @@ class EpochReporter:
                  f"macro-F1 {metrics['macro_f1']:.3f}  weighted-F1 {metrics['weighted_f1']:.3f}"
                  f"  (all-neutral {metrics['baseline_weighted_f1']:.3f})  data-wait "
                  f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}")
+
+    def rewind(self, epochs_done: int) -> None:
+        """Resuming from a checkpoint of `epochs_done` epochs (maybe `last.prev.pt`, older
+        than the newest rows): drop rows of epochs it does not hold, so none is doubled."""
+        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        if not (self.enabled and path and path.exists()):
+            return
+        rows = path.read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r)["epoch"] < epochs_done]
+        if len(kept) != len(rows):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            os.replace(tmp, path)
 
     def finish(self) -> None:
         self.tracker.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -120,6 +121,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.early = EarlyStopping(t.patience, t.min_epochs, t.min_delta)
         self.epoch, self.step = 0, 0
+        self.micro = 0  # micro-batches trained in this epoch: fixes the accumulation groups
         self.stats = EpochStats()
         self.stop_requested = False
         self.history: list[dict] = []
@@ -171,7 +173,7 @@ class Trainer:
         accum, total = self.cfg.train.accum_steps, self.batches_per_epoch(max_steps)
         loader = self.train_loader
         loader.set_epoch(self.epoch)
-        i = loader.state_dict()["consumed"] // self.cfg.train.batch_size  # resumed mid-epoch
+        i = self.micro  # > 0 when resumed mid-epoch (skipped clips never shift it)
         pending = False  # gradients accumulated but not yet applied
         tick = time.perf_counter()
         for batch in loader:
@@ -185,7 +187,7 @@ class Trainer:
             pending = not last_in_group
             if last_in_group:
                 self.optimizer_step()
-            i += 1
+            i = self.micro = i + 1
             self.stats.loss_sum += loss * len(batch)
             self.stats.clips += len(batch)
             tick = time.perf_counter()
@@ -195,11 +197,12 @@ class Trainer:
                     return self.pause()
                 if self.every_n_steps():
                     self.save_last()
+                    tick = time.perf_counter()  # saving is neither data wait nor a step
                 if i >= total:  # a capped epoch (max_steps_per_epoch) ends here
                     break
         if pending:  # skipped clips left a group short: apply what was accumulated
             self.optimizer_step()
-        self.epoch += 1
+        self.epoch, self.micro = self.epoch + 1, 0
 
     def forward_backward(self, batch, scale: float) -> float:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -272,7 +275,8 @@ class Trainer:
                 "emotions": list(EMOTIONS), "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "step": self.step, "early_stop": self.early.state_dict(),
+                "epoch": self.epoch, "step": self.step, "micro_step": self.micro,
+                "early_stop": self.early.state_dict(),
                 "stages": sorted(self.model.trainable), "epoch_stats": asdict(self.stats),
                 "history": self.history, "rng": ckpt_io.rng_state(),
                 "loader": self.train_loader.state_dict(),
@@ -282,14 +286,32 @@ class Trainer:
         self.model.load_state_dict(sd["model"])
         self.set_stages(set(sd["stages"]))
         self.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
-        self.scaler.load_state_dict(sd["scaler"])
         self.epoch, self.step = sd["epoch"], sd["step"]
+        # older checkpoints had no micro_step: the loader position is the best guess there
+        self.micro = sd.get("micro_step", sd["loader"]["consumed"] // self.cfg.train.batch_size)
+        self.load_schedule(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
         self.early.load_state_dict(sd["early_stop"])
         self.stats = EpochStats.from_state(sd["epoch_stats"])
         self.history = list(sd["history"])
         self.train_loader.load_state_dict(sd["loader"])
         ckpt_io.set_rng_state(sd["rng"])
+
+    def load_schedule(self, saved: dict) -> None:
+        """The saved OneCycle state, or, when this run has another number of optimizer steps
+        (train.epochs or max_steps_per_epoch changed on resume), this run's schedule
+        positioned at the current step: never an LR silently frozen past the old end."""
+        if saved["total_steps"] == self.scheduler.total_steps:
+            self.scheduler.load_state_dict(saved)
+            return
+        with warnings.catch_warnings():  # stepping a fresh schedule forward, no optimizer
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(self.step, self.scheduler.total_steps)):
+                self.scheduler.step()
+        self.reporter.say(
+            f"schedule rebuilt: this run has {self.scheduler.total_steps} optimizer steps "
+            f"(the checkpoint's had {saved['total_steps']}); OneCycle continues from step "
+            f"{self.step} at LR {self.scheduler.get_last_lr()[0]:.3g}")
 
     # ------------------------------------------------------------------ plumbing
 

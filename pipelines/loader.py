@@ -35,6 +35,19 @@ DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
                torch.float32: types.FLOAT}
 
 
+DECODERS = ("fn.decoders.video", "fn.decoders.image")
+
+
+def decode_failure(e: RuntimeError) -> str | None:
+    """The reason DALI gives when a decoder failed on the data, or None for any other error
+    (out of memory, a bug in the graph or the source), which must surface, not be recovered."""
+    text = str(e)
+    if not any(op in text for op in DECODERS):
+        return None
+    after = text.split("encountered:", 1)[-1]
+    return next((ln.strip() for ln in after.splitlines() if ln.strip()), "decoder error")
+
+
 @dataclass
 class Span:
     """What one pipeline batch took from the order: the rows read and the ones skipped."""
@@ -173,9 +186,13 @@ class DaliLoader(ManifestLoader):
                     for f in span.failures:
                         self.report(f)
                     pos.consumed += len(span.rows)
-            except RuntimeError as e:  # a clip DALI could not decode: redo this batch on CPU
+            except RuntimeError as e:
+                reason = decode_failure(e)
+                if reason is None:  # out of memory, a bug, ...: not the clips' fault
+                    raise
+                # a clip DALI could not decode: redo this batch on the CPU path
                 span = source.spans.popleft()
-                batch = self._recover(span, e)
+                batch = self._recover(span, reason)
                 pos.consumed += len(span.rows)
                 if batch is not None:
                     yield batch
@@ -184,14 +201,19 @@ class DaliLoader(ManifestLoader):
                 del it
             break
 
-    def _recover(self, span: Span, error: Exception) -> Batch | None:
+    def _recover(self, span: Span, reason: str) -> Batch | None:
         ds = ClipDataset(self.spec.manifest, self.data, train=self.spec.train,
                          seed=self.spec.seed, source=self.spec.source)
         good_rows = [r for r in span.rows if r not in {f.index for f in span.failures}]
         batch, failures = collate([ds[(self.position.epoch, r)] for r in good_rows])
         for f in span.failures + failures:
             self.report(f)
-        if not failures:
-            log.warning("DALI failed on a batch the CPU path decodes (%s); used the CPU result",
-                        str(error).splitlines()[0])
+        if not failures:  # DALI fails a batch as a whole: name the likely clips
+            m = self.spec.manifest
+            clips = [m.clips[r] for r in good_rows]
+            odd = [c for c in clips if c.get("pix_fmt") not in (None, "yuv420p", "yuvj420p")]
+            names = ", ".join(str(clip_source_path(m, c, self.spec.source))
+                              for c in (odd or clips))
+            log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",
+                        f"one of {names}" if len(odd or clips) > 1 else names, reason)
         return None if batch is None else self.deliver(batch)

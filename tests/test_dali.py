@@ -137,3 +137,22 @@ def test_backend_selection_explains_what_cannot_run(synth_root, synth_vp9):
         with pytest.raises(UserError, match="CUDA"):
             resolve_backend("dali-gpu", h264, "train", "video")
         assert resolve_backend("auto", h264, "train", "video") == "torch"
+
+
+def test_errors_that_are_not_decode_errors_surface(synth_vp9, monkeypatch):
+    """Only a decoder failing on a clip goes to the CPU recovery; an out-of-memory error
+    (raised here in the source, as CUDA would raise it) reaches the caller."""
+    from meld_dali.pipelines import loader as dali_loader
+
+    real = dali_loader.ClipSource.clip_sample
+
+    def oom_on_third(self, row):
+        if row == self.items[2]:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, row)
+
+    monkeypatch.setattr(dali_loader.ClipSource, "clip_sample", oom_on_third)
+    dali, _ = pair(synth_vp9, bs=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(dali)
+    assert not dali.failures  # nothing was reported as a bad clip

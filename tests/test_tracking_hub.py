@@ -79,9 +79,15 @@ def test_hub_push_is_one_commit_with_the_expected_files(trained_run):
                                                    "README.md"}
     card = files["README.md"].decode()
     assert "weighted F1" in card and "all-neutral" in card and "neutral" in card
-    model = torch.load(io.BytesIO(files["model.pt"]), weights_only=False)
+    model = torch.load(io.BytesIO(files["model.pt"]), weights_only=True)  # plain data
     assert "optimizer" not in model and "rng" not in model and model["emotions"][0] == "neutral"
     assert set(model["model"]) == set(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
+    # nothing local is published: no data root, no run folder, no home
+    data_root = load_checkpoint(run / "checkpoints" / "best.pt")["config"]["data"]["root"]
+    assert data_root and model["config"]["data"]["root"] == ""
+    for name, content in files.items():
+        for local in (data_root, str(run), str(run.parents[2])):
+            assert local.encode() not in content, (name, local)
 
 
 def test_hub_failure_never_touches_local_files(trained_run, caplog):

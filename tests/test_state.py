@@ -1,0 +1,101 @@
+"""State and safety: the schedule on an extended resume, checkpoints read as data only,
+saving kept out of the data-wait timer."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from meld_dali import checkpoint as ckpt_io
+from meld_dali.config import load_config
+from meld_dali.data.base import SyntheticLoader
+from meld_dali.errors import UserError
+from meld_dali.trainer import Trainer
+from tests.test_trainer import TinyNet
+
+
+def tiny_trainer(epochs: int, **kw) -> Trainer:
+    cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=1", f"train.epochs={epochs}",
+                             "train.min_epochs=0", "optim.class_weights=none"])
+    train, dev = (SyntheticLoader.random(6, 4, 8, batch_size=2, seed=s) for s in (1, 2))
+    return Trainer(cfg, TinyNet(), train, dev, [1] * 7, torch.device("cpu"), **kw)
+
+
+def lrs(trainer) -> list[float]:
+    return [row["lr"] for row in trainer.history]
+
+
+def test_extended_resume_rebuilds_the_schedule(tmp_path):
+    """3 epochs, then resumed with train.epochs=5: the two extra epochs follow the 5-epoch
+    OneCycle from the current step (as a straight 5-epoch run does), never a frozen LR."""
+    short = tiny_trainer(3)
+    short.train()
+    ckpt_io.atomic_save(short.state_dict(), tmp_path / "last.pt")
+    longer = tiny_trainer(5)
+    longer.load_state_dict(ckpt_io.load_checkpoint(tmp_path / "last.pt"))
+    assert longer.scheduler.total_steps == 15 and longer.scheduler.last_epoch == 9
+    longer.train()
+    straight = tiny_trainer(5)
+    straight.train()
+    assert lrs(longer)[3:] == pytest.approx(lrs(straight)[3:])
+    assert lrs(longer)[3] != pytest.approx(lrs(longer)[4])  # still moving
+    assert longer.step == straight.step == 15
+
+
+class CraftedPickle:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_runs_no_code(tmp_path, synth_root):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
+                "model": CraftedPickle(marker)}, bad)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt_io.load_checkpoint(bad)  # evaluate, predict and --resume all read through this
+    from meld_dali.cli import main
+
+    with pytest.raises(SystemExit) as e:  # predict: one line, exit 1
+        main(["predict", str(bad), str(tmp_path / "x.mp4")])
+    assert e.value.code == 1
+    from meld_dali.config import ModelConfig
+    from meld_dali.model import SlowFastMELD
+
+    model = SlowFastMELD(ModelConfig(hidden=[8, 8]))
+    assert model.load_pretrained(str(bad)) is False  # pretrained weights: refused, random init
+    assert not marker.exists()
+
+
+def test_checkpoints_with_numpy_rng_state_still_load(tmp_path):
+    """Checkpoints written before the RNG state was stored as plain values."""
+    old = tiny_trainer(1).state_dict()
+    old["rng"]["numpy"] = np.random.get_state()
+    ckpt_io.atomic_save(old, tmp_path / "old.pt")
+    state = ckpt_io.load_checkpoint(tmp_path / "old.pt")
+    ckpt_io.set_rng_state(state["rng"])
+    expected = np.random.RandomState()
+    expected.set_state(old["rng"]["numpy"])
+    assert np.random.random() == expected.random_sample()
+
+
+class SlowSaver(ckpt_io.CheckpointSaver):
+    def save_last(self, state):
+        time.sleep(0.3)
+        super().save_last(state)
+
+
+def test_saving_is_not_counted_as_data_wait(tmp_path):
+    tr = tiny_trainer(1, saver=SlowSaver(tmp_path))
+    tr.cfg.train.checkpoint_every_steps = 1
+    tr.train_one_epoch()  # 3 steps, 3 saves: ~0.9 s that are neither data wait nor steps
+    stats = tr.take_stats()
+    assert (tmp_path / "last.pt").exists() and tr.step == 3
+    assert stats.data_wait < 0.3, stats
