@@ -1,19 +1,26 @@
 """DaliLoader: the DALI graphs behind the same interface and Batch as the CPU loader.
 
-The external source walks the same `ClipOrder` as the CPU loader (sharded by rank, seeded by
-(seed, epoch)), so the order, frame indices and augmentation draws are identical, and the
-position (epoch, clips consumed) is all a resume needs. A clip whose file cannot be read is
-skipped in the source; a clip DALI cannot decode fails its batch inside DALI: that batch is
-redone by the CPU path, the bad clip reported and skipped, and the pipeline rebuilt after it.
+Every batch is a fixed slice of this rank's `ClipOrder` (B rows, like the CPU loader), so the
+order, frame indices, augmentation draws and the position (epoch, clips consumed) are the
+CPU loader's. Three things keep the decoders fed:
+- the pipelines are built once and reset at each epoch (a rebuild only after a decode
+  failure, or when a pass was left unfinished);
+- files are read by a thread pool, `prefetch` batches ahead, never on the main thread's
+  critical path;
+- `n_pipes` pipelines each decode a share of every batch (position p goes to pipeline
+  p % n_pipes): one decode session cannot use more than one NVDEC engine, and the driver
+  spreads simultaneous sessions over the engines. The shares are merged back in order.
+A file that cannot be read is skipped and reported; a clip DALI cannot decode fails its
+whole batch inside DALI: that batch is redone by the CPU path, the clip named, and the
+pipelines rebuilt after it. Any other error (out of memory, a bug) surfaces.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,9 +40,10 @@ log = logging.getLogger("meld_dali.pipelines")
 # and `deliver` casts on the GPU, half the bytes of a float32 round trip.
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
                torch.float32: types.FLOAT}
-
-
 DECODERS = ("fn.decoders.video", "fn.decoders.image")
+# Hardware video decoders (NVDEC engines) per GPU, by name: decode sessions worth running.
+NVDEC_ENGINES = {"H100": 7, "H200": 7, "H20": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4,
+                 "L4": 4, "L40": 3, "A10": 1, "T4": 2, "V100": 1}
 
 
 def decode_failure(e: RuntimeError) -> str | None:
@@ -48,165 +56,271 @@ def decode_failure(e: RuntimeError) -> str | None:
     return next((ln.strip() for ln in after.splitlines() if ln.strip()), "decoder error")
 
 
-@dataclass
-class Span:
-    """What one pipeline batch took from the order: the rows read and the ones skipped."""
-    rows: list[int]
-    failures: list[ClipFailure]
+def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
+    """How many pipelines (decode sessions) to run: one per NVDEC engine for video on a GPU
+    whose engine count is known, else one."""
+    if device != "gpu" or kind != "video" or not torch.cuda.is_available():
+        return 1
+    name = torch.cuda.get_device_name(device_index)
+    return max((n for key, n in NVDEC_ENGINES.items() if key in name.split()), default=2)
 
 
-class ClipSource:
-    """Batch-mode external source over this rank's order for one epoch."""
+class FileReader:
+    """Reads clips' encoded bytes in a thread pool, ahead of the pipelines (np.fromfile
+    releases the GIL). A read error is kept and reported when the clip is taken."""
 
-    def __init__(self, spec: LoaderSpec, cfg: DataConfig, items: list[int], epoch: int,
-                 kind: str):
-        # kind: the graph's input, "video" (one encoded file per clip) or "frames" (JPEGs)
-        self.spec, self.cfg, self.items, self.epoch, self.kind = spec, cfg, items, epoch, kind
-        self.pos = 0
-        self.spans: deque[Span] = deque()
+    def __init__(self, loader: DaliLoader, threads: int):
+        self.loader = loader
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dali-read")
+        self.pending: dict[tuple[int, int], Future] = {}
 
-    def clip_sample(self, row: int):
-        """(encoded, frame indices, params, mask) of one clip; raises OSError on a bad file."""
-        m, s, T = self.spec.manifest, self.spec, self.cfg.num_frames
+    def read(self, row: int) -> list[np.ndarray]:
+        s, m = self.loader.spec, self.loader.spec.manifest
         clip = m.clips[row]
-        n = clip["num_frames"]
-        idx, mask = clip_indices(n, T, train=s.train, seed=s.seed, epoch=self.epoch, clip=row)
-        params = dali_params(draw_params(self.cfg, seed=s.seed, epoch=self.epoch, clip=row)
-                             if s.train else EVAL_PARAMS, self.cfg)
-        if self.kind == "video":
-            encoded = [np.fromfile(clip_source_path(m, clip, s.source), dtype=np.uint8)]
-            # padded slots ask for frames past the end: the decoder fills them with 0
-            idx = np.where(mask, idx, n + np.arange(T)).astype(np.int32)
-        else:
-            folder = m.frames_path(clip)
-            real = idx[mask]
-            files = [folder / f"{i:06d}.jpg" for i in real]
-            files += [files[-1]] * (T - len(real))  # padded slots: zeroed after decoding
-            encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
-        return encoded, idx.astype(np.int32), params, mask
+        if self.loader.kind == "video":
+            return [np.fromfile(clip_source_path(m, clip, s.source), dtype=np.uint8)]
+        folder = clip_source_path(m, clip, s.source)
+        idx, mask = self.loader.indices(row)
+        files = [folder / f"{i:06d}.jpg" for i in idx[mask]]
+        files += [files[-1]] * (len(idx) - len(files))  # padded slots: zeroed after decoding
+        return [np.fromfile(f, dtype=np.uint8) for f in files]
+
+    def ahead(self, epoch: int, rows: list[int]) -> None:
+        for r in rows:
+            if (epoch, r) not in self.pending:
+                self.pending[(epoch, r)] = self.pool.submit(self.read, r)
+
+    def take(self, epoch: int, row: int) -> list[np.ndarray]:
+        fut = self.pending.pop((epoch, row), None) or self.pool.submit(self.read, row)
+        return fut.result()  # raises the read error, if any
+
+    def clear(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ShareSource:
+    """Batch-mode external source of one pipeline: its share (positions j, j+n, ...) of each
+    batch of the current pass. Batch i of a pass is rows[i*B:(i+1)*B]."""
+
+    def __init__(self, loader: DaliLoader, share: int):
+        self.loader, self.share = loader, share
+        self.i = 0
+        self.failures: dict[int, list[ClipFailure]] = {}  # batch -> read failures
+
+    def start(self) -> None:
+        self.i = 0
+        self.failures.clear()
 
     def __call__(self, info):
-        B = self.spec.batch_size
-        out: list[list] = [[], [], [], [], [], []]
-        span = Span([], [])
-        while len(span.rows) - len(span.failures) < B and self.pos < len(self.items):
-            row = self.items[self.pos]
-            self.pos += 1
-            span.rows.append(row)
-            try:
-                encoded, idx, params, mask = self.clip_sample(row)
-            except OSError as e:
-                path = str(clip_source_path(self.spec.manifest, self.spec.manifest.clips[row],
-                                            self.spec.source))
-                span.failures.append(ClipFailure(row, path, f"{type(e).__name__}: {e}"))
-                continue
-            label = np.array(self.spec.manifest.clips[row]["label"], dtype=np.int64)
-            index = np.array(row, dtype=np.int64)
-            if self.kind == "video":
-                items = [(encoded[0], idx, params, label, index, mask.astype(np.uint8))]
-            else:  # one sample per frame, each with its clip's draw
-                items = [(e, idx[:1], params, label, index, np.array(m, dtype=np.uint8))
-                         for e, m in zip(encoded, mask, strict=True)]
-            for item in items:
-                for col, value in zip(out, item, strict=True):
-                    col.append(value)
-        if not out[0]:
-            if span.failures:  # only bad clips left: report them with an empty batch
-                self.spans.append(span)
+        L = self.loader
+        rows = L.batch_rows(self.i)
+        if not rows:
             raise StopIteration
-        self.spans.append(span)
+        i, self.i = self.i, self.i + 1
+        for k in range(1, L.cfg.prefetch + 1):  # keep the readers ahead of the decoder
+            L.reader.ahead(L.pass_epoch, L.batch_rows(i + k)[self.share::L.n_pipes])
+        out: list[list] = [[], [], [], [], [], []]
+        fails = self.failures.setdefault(i, [])
+        for row in rows[self.share::L.n_pipes]:
+            try:
+                encoded = L.reader.take(L.pass_epoch, row)
+            except OSError as e:
+                path = str(clip_source_path(L.spec.manifest, L.spec.manifest.clips[row],
+                                            L.spec.source))
+                fails.append(ClipFailure(row, path, f"{type(e).__name__}: {e}"))
+                continue
+            L.add_samples(out, row, encoded)
+        if not out[0]:  # nothing of this share is readable: one placeholder, dropped later
+            L.add_samples(out, -1, L.reader.take(L.pass_epoch, L.placeholder_row(rows)))
         return out
 
 
 class DaliLoader(ManifestLoader):
-    """Yields Batch from a DALI pipeline (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
-    'cpu' = DALI's CPU operators). Same interface and position as data.TorchLoader."""
+    """Yields Batch from DALI pipelines (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
+    'cpu' = DALI's CPU operators). Same interface and position as the CPU loader."""
 
-    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, device: str):
+    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, device: str,
+                 n_pipes: int | None = None):
         super().__init__(spec)
         self.data, self.cfg, self.device = data, cfg, device
         self.backend = f"dali-{device}"
         self.kind = "frames" if spec.source == "frames" else "video"
         self.dali_dtype = DALI_DTYPES[spec.dtype]
+        dev_index = spec.device.index or 0
+        self.n_pipes = n_pipes or cfg.dali_pipelines or auto_pipelines(device, self.kind,
+                                                                       dev_index)
+        self.reader = FileReader(self, cfg.workers)
+        self.its: list[DALIGenericIterator] = []  # one per pipeline, run in lockstep
+        self.sources: list[ShareSource] = []
+        self.pass_rows: list[int] = []  # the rows this pass reads (the rest of an epoch)
+        self.pass_epoch = -1
+        self.builds = 0  # pipelines built so far (tests: reused across epochs)
+        self._clean = False  # the last pass ran to the end: the pipelines can be reset
 
-    # ------------------------------------------------------------------ pipeline
+    # ------------------------------------------------------------------ samples
 
-    def _build(self, items: list[int]) -> tuple[DALIGenericIterator, ClipSource]:
-        source = ClipSource(self.spec, self.data, items, self.position.epoch, self.kind)
+    def indices(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.spec.manifest.clips[row]["num_frames"]
+        return clip_indices(n, self.data.num_frames, train=self.spec.train, seed=self.spec.seed,
+                            epoch=self.pass_epoch, clip=row)
+
+    def add_samples(self, out: list[list], row: int, encoded: list[np.ndarray]) -> None:
+        """One clip's samples (one per clip for video, one per frame for frame folders);
+        row -1 marks a placeholder."""
+        s, T = self.spec, self.data.num_frames
+        real = self.placeholder if row < 0 else row
+        clip = s.manifest.clips[real]
+        idx, mask = self.indices(real)
+        params = dali_params(draw_params(self.data, seed=s.seed, epoch=self.pass_epoch,
+                                         clip=real) if s.train else EVAL_PARAMS, self.data)
+        label, index = np.array(clip["label"], np.int64), np.array(row, np.int64)
+        if self.kind == "video":
+            # padded slots ask for frames past the end: the decoder fills them with 0
+            idx = np.where(mask, idx, clip["num_frames"] + np.arange(T)).astype(np.int32)
+            items = [(encoded[0], idx, params, label, index, mask.astype(np.uint8))]
+        else:  # one sample per frame, each with its clip's draw
+            items = [(e, idx[:1].astype(np.int32), params, label, index, np.array(m, np.uint8))
+                     for e, m in zip(encoded, mask, strict=True)]
+        for item in items:
+            for col, value in zip(out, item, strict=True):
+                col.append(value)
+
+    def placeholder_row(self, rows: list[int]) -> int:
+        """A readable clip to stand in for a share with nothing readable (dropped after)."""
+        for r in [*rows, *self.pass_rows]:
+            try:
+                self.reader.take(self.pass_epoch, r)
+            except OSError:
+                continue
+            self.placeholder = r
+            return r
+        raise RuntimeError("no readable clip left in this epoch")
+
+    def batch_rows(self, i: int) -> list[int]:
+        B = self.spec.batch_size
+        return self.pass_rows[i * B:(i + 1) * B]
+
+    # ------------------------------------------------------------------ pipelines
+
+    def _build(self) -> None:
+        self._close_pipelines()
+        self.sources = [ShareSource(self, j) for j in range(self.n_pipes)]
         per_clip = 1 if self.kind == "video" else self.data.num_frames
+        B = -(-self.spec.batch_size // self.n_pipes)  # the largest share of a batch
         dev = self.spec.device
-        pipe = clip_pipeline(
-            source=source, cfg=self.data, is_training=self.spec.train, kind=self.kind,
-            device=self.device, dtype=self.dali_dtype,
-            batch_size=self.spec.batch_size * per_clip, num_threads=max(1, self.cfg.workers),
+        resize = not (self.kind == "frames"
+                      and self.spec.manifest.meta.get("short_side") == self.data.short_side)
+        pipes = [clip_pipeline(
+            source=src, cfg=self.data, is_training=self.spec.train, kind=self.kind,
+            device=self.device, dtype=self.dali_dtype, batch_size=B * per_clip,
+            num_threads=max(1, self.cfg.workers // self.n_pipes),
             device_id=(dev.index or 0) if self.device == "gpu" else None,
             prefetch_queue_depth=max(1, self.cfg.prefetch), seed=self.spec.seed,
-            resize=not (self.kind == "frames"
-                        and self.spec.manifest.meta.get("short_side") == self.data.short_side))
+            resize=resize) for src in self.sources]
         with warnings.catch_warnings():
             # eval graphs leave the augmentation parameters unused: expected, not a problem
             warnings.filterwarnings("ignore", message=".*external source node.*")
-            it = DALIGenericIterator([pipe], list(OUTPUTS),
-                                     last_batch_policy=LastBatchPolicy.PARTIAL,
-                                     auto_reset=False, prepare_first_batch=False)
-        return it, source
+            # one iterator per pipeline: DALI's own takes several only with a known size
+            self.its = [DALIGenericIterator([p], list(OUTPUTS),
+                                            last_batch_policy=LastBatchPolicy.PARTIAL,
+                                            auto_reset=False, prepare_first_batch=False)
+                        for p in pipes]
+        self.builds += 1
 
-    def _to_batch(self, d: dict) -> Batch:
-        video, label, index = d["video"], d["label"].view(-1), d["index"].view(-1)
-        mask = d["mask"].view(-1).bool()
-        if self.kind == "frames":  # [B*T, C, H, W] -> [B, C, T, H, W]
-            T = self.data.num_frames
-            B = video.shape[0] // T
-            video = video.view(B, T, *video.shape[1:]).transpose(1, 2)
-            mask, label, index = mask.view(B, T), label[::T], index[::T]
+    def _start_pass(self) -> None:
+        """Point the sources at the rest of the current epoch: reset the pipelines when the
+        last pass ended cleanly, build them otherwise."""
+        self.pass_rows, self.pass_epoch = self.remaining(), self.position.epoch
+        self.reader.clear()
+        for src in self.sources:
+            src.start()
+        if self.its and self._clean:
+            for it in self.its:  # DALI calls the sources again: they read the new pass
+                it.reset()
         else:
-            mask = d["mask"].view(video.shape[0], -1).bool()
-        # padded slots: exactly 0 after normalization, like the CPU loader
-        video = video * mask[:, None, :, None, None].to(video.dtype)
-        return self.deliver(Batch(video, mask, label, index))
+            self._build()
+        self._clean = False
+
+    def _close_pipelines(self) -> None:
+        self.its = []
 
     def _batches(self) -> Iterator[Batch]:
         pos = self.position
         while pos.consumed < self.num_clips:
-            it, source = self._build(self.remaining())
+            self._start_pass()
+            i = 0
             try:
                 while True:
-                    try:
-                        out = next(it)
+                    try:  # the sources stop together: batch rows run out for every share
+                        outs = [next(it)[0] for it in self.its]
                     except StopIteration:
+                        self._clean = True
                         break
-                    span = source.spans.popleft()
-                    for f in span.failures:
-                        self.report(f)
-                    pos.consumed += len(span.rows)
-                    yield self._to_batch(out[0])
-                # trailing spans that only held failures
-                while source.spans:
-                    span = source.spans.popleft()
-                    for f in span.failures:
-                        self.report(f)
-                    pos.consumed += len(span.rows)
+                    rows = self.batch_rows(i)
+                    self._report_read_failures(i)
+                    pos.consumed += len(rows)
+                    i += 1
+                    batch = self._merge(outs, rows)
+                    if batch is not None:
+                        yield batch
             except RuntimeError as e:
                 reason = decode_failure(e)
                 if reason is None:  # out of memory, a bug, ...: not the clips' fault
                     raise
-                # a clip DALI could not decode: redo this batch on the CPU path
-                span = source.spans.popleft()
-                batch = self._recover(span, reason)
-                pos.consumed += len(span.rows)
+                # a clip DALI could not decode: redo this batch on the CPU path, then build
+                # the pipelines again from the next batch
+                rows = self.batch_rows(i)
+                read_failed = self._report_read_failures(i)
+                pos.consumed += len(rows)
+                self._close_pipelines()
+                batch = self._recover([r for r in rows if r not in read_failed], reason)
                 if batch is not None:
                     yield batch
-                continue  # rebuild the pipeline after the failed batch
-            finally:
-                del it
+                continue
             break
 
-    def _recover(self, span: Span, reason: str) -> Batch | None:
+    def _report_read_failures(self, i: int) -> set[int]:
+        failed = [f for src in self.sources for f in src.failures.pop(i, [])]
+        for f in failed:
+            self.report(f)
+        return {f.index for f in failed}
+
+    def _merge(self, outs: list[dict], rows: list[int]) -> Batch | None:
+        """The pipelines' shares -> one Batch in the order of `rows` (placeholders dropped)."""
+        parts = [self._clips_of(d) for d in outs]
+        video, mask, label, index = (torch.cat([p[k] for p in parts]) for k in range(4))
+        keep = index >= 0
+        if not bool(keep.any()):
+            return None
+        video, mask, label, index = video[keep], mask[keep], label[keep], index[keep]
+        where = {r: k for k, r in enumerate(rows)}
+        order = torch.as_tensor(np.argsort([where[int(r)] for r in index.cpu()]),
+                                device=index.device)
+        video, mask, label, index = video[order], mask[order], label[order], index[order]
+        # padded slots: exactly 0 after normalization, like the CPU loader
+        video = video * mask[:, None, :, None, None].to(video.dtype)
+        return self.deliver(Batch(video, mask, label, index))
+
+    def _clips_of(self, d: dict):
+        video, label, index = d["video"], d["label"].view(-1), d["index"].view(-1)
+        if self.kind == "frames":  # [B*T, C, H, W] -> [B, C, T, H, W]
+            T = self.data.num_frames
+            B = video.shape[0] // T
+            video = video.view(B, T, *video.shape[1:]).transpose(1, 2)
+            return video, d["mask"].view(B, T).bool(), label[::T], index[::T]
+        return video, d["mask"].view(video.shape[0], -1).bool(), label, index
+
+    def _recover(self, good_rows: list[int], reason: str) -> Batch | None:
         ds = ClipDataset(self.spec.manifest, self.data, train=self.spec.train,
                          seed=self.spec.seed, source=self.spec.source)
-        good_rows = [r for r in span.rows if r not in {f.index for f in span.failures}]
-        batch, failures = collate([ds[(self.position.epoch, r)] for r in good_rows])
-        for f in span.failures + failures:
+        batch, failures = collate([ds[(self.pass_epoch, r)] for r in good_rows])
+        for f in failures:
             self.report(f)
         if not failures:  # DALI fails a batch as a whole: name the likely clips
             m = self.spec.manifest
@@ -217,3 +331,8 @@ class DaliLoader(ManifestLoader):
             log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",
                         f"one of {names}" if len(odd or clips) > 1 else names, reason)
         return None if batch is None else self.deliver(batch)
+
+    def __del__(self):
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            reader.close()

@@ -50,6 +50,50 @@ def test_dali_batch_contract(synth_vp9, frames):
     assert padded > 0
 
 
+def run_epochs(loader, epochs):
+    out = []
+    for e in range(epochs):
+        loader.set_epoch(e)
+        out.append([(b.index.clone(), b.mask.clone(), b.video.clone()) for b in loader])
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert [len(t[0]) for t in x] == [len(t[0]) for t in y]
+        for (i1, m1, v1), (i2, m2, v2) in zip(x, y, strict=True):
+            assert torch.equal(i1, i2) and torch.equal(m1, m2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_pipelines_are_built_once_and_reused_across_epochs(synth_vp9, frames):
+    """Two epochs through one loader (pipelines reset, not rebuilt) == each epoch through a
+    fresh loader: same order, frame indices and draws."""
+    reused, _ = pair(synth_vp9, split="train", train=True, frames=frames)
+    twice = run_epochs(reused, 2)
+    assert reused.builds == 1
+    fresh = []
+    for e in range(2):
+        loader, _ = pair(synth_vp9, split="train", train=True, frames=frames)
+        loader.set_epoch(e)
+        fresh.append([(b.index, b.mask, b.video) for b in loader])
+    assert_same_batches(twice, fresh)
+    assert not torch.equal(twice[0][0][0], twice[1][0][0])  # epochs differ in order
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_several_pipelines_equal_one(synth_vp9, frames):
+    """n pipelines, each decoding a share of every batch, merge back to exactly the single
+    pipeline's batches (order, indices, draws), last partial batch included."""
+    one, _ = pair(synth_vp9, split="train", train=True, frames=frames, bs=5,
+                  over=["loader.dali_pipelines=1"])
+    three, _ = pair(synth_vp9, split="train", train=True, frames=frames, bs=5,
+                    over=["loader.dali_pipelines=3", "loader.workers=3"])
+    assert three.n_pipes == 3
+    assert_same_batches(run_epochs(one, 1), run_epochs(three, 1))
+
+
 @pytest.mark.parametrize("frames, tol", [(True, 1e-4), (False, 0.05)])
 def test_eval_values_match_cpu_loader(synth_vp9, frames, tol):
     """Frame folders: the same JPEG decoder and no resampling (frames are stored at the
@@ -144,14 +188,14 @@ def test_errors_that_are_not_decode_errors_surface(synth_vp9, monkeypatch):
     (raised here in the source, as CUDA would raise it) reaches the caller."""
     from meld_dali.pipelines import loader as dali_loader
 
-    real = dali_loader.ClipSource.clip_sample
+    real = dali_loader.FileReader.read
 
     def oom_on_third(self, row):
-        if row == self.items[2]:
+        if row == self.loader.pass_rows[2]:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, row)
 
-    monkeypatch.setattr(dali_loader.ClipSource, "clip_sample", oom_on_third)
+    monkeypatch.setattr(dali_loader.FileReader, "read", oom_on_third)
     dali, _ = pair(synth_vp9, bs=2)
     with pytest.raises(RuntimeError, match="out of memory"):
         list(dali)

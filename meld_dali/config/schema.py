@@ -158,6 +158,9 @@ class LoaderConfig(BaseModel):
     backend: Literal["auto", Backend] = "auto"
     workers: NonNeg = 2  # DataLoader workers / DALI threads
     prefetch: Count = 2
+    # DALI: pipelines (decode sessions) per loader, each decoding a share of every batch;
+    # 0 = auto: one per NVDEC engine of the GPU for video, else 1
+    dali_pipelines: NonNeg = 0
     channels_last: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     dtype: Dtype = "auto"  # auto (follows train.amp) | float32 | float16 | bfloat16
 
