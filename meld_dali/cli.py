@@ -33,6 +33,11 @@ class Codec(str, Enum):
     mjpeg = "mjpeg"
 
 
+class CacheCodec(str, Enum):
+    h264 = "h264"
+    mjpeg = "mjpeg"
+
+
 class Backend(str, Enum):
     auto = "auto"
     dali_gpu = "dali-gpu"
@@ -76,14 +81,24 @@ def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset 
 def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpacked)"),
                 out_dir: Path = typer.Option(None, "--out", help="manifest folder (default ROOT)"),
                 frames: Path = typer.Option(None, help="extract JPEG frame folders here"),
-                short_side: int = typer.Option(256, help="frame folders: shorter side in px"),
-                workers: int = typer.Option(2, help="parallel probe/extract processes")):
-    """Probe every labelled clip and write the manifest (and optionally frame folders)."""
+                short_side: int = typer.Option(256, help="frame folders and cache: shorter "
+                                               "side in px"),
+                workers: int = typer.Option(2, help="parallel probe/extract/encode processes"),
+                cache: Path = typer.Option(None, help="build a train-ready clip cache here "
+                                           "(every clip re-encoded at --short-side)"),
+                cache_codec: CacheCodec = typer.Option(CacheCodec.h264, help="cache codec: "
+                                                       "h264 (NVDEC, PyAV) or mjpeg (also "
+                                                       "DALI's CPU decoder)")):
+    """Probe every labelled clip and write the manifest (and optionally frame folders
+    and a re-encoded clip cache)."""
     from meld_dali.manifest import prepare
     from meld_dali.report import print_report
 
+    if short_side < 16:
+        raise UserError(f"--short-side {short_side}: must be at least 16")
     with progress() as p:
-        _, report = prepare(root, out_dir, frames, short_side, workers, progress=p)
+        _, report = prepare(root, out_dir, frames, short_side, workers, progress=p,
+                            cache=cache, cache_codec=cache_codec.value)
     print_report(report, out)
 
 
