@@ -219,7 +219,11 @@ def build_cache(clips: list[dict], manifest_dir: Path, spec: CacheSpec, workers:
         reuse = json.loads(stamp.read_text()) == settings
     except (OSError, json.JSONDecodeError):
         reuse = False
-    if not reuse:  # files made with other settings are overwritten, never reused
+    if not reuse:  # files made with other settings are removed first, never reused
+        stamp.unlink(missing_ok=True)
+        for ext in {e for _, _, e in CACHE_CODECS.values()}:
+            for old in root.glob(f"*/*{ext}"):
+                old.unlink(missing_ok=True)
         stamp.write_text(json.dumps(settings))
     jobs = []
     for i, c in enumerate(clips):
