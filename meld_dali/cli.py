@@ -35,6 +35,11 @@ class Codec(str, Enum):
     mjpeg = "mjpeg"
 
 
+class CacheCodec(str, Enum):
+    h264 = "h264"
+    mjpeg = "mjpeg"
+
+
 # loader.backend's choices, from the config's Literal (one source)
 Backend = Enum("Backend", {n.replace("-", "_"): n for n in ("auto", *BACKENDS)}, type=str)
 
@@ -74,15 +79,23 @@ def synth(out_dir: Path = typer.Argument(..., help="folder to write the dataset 
 def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpacked)"),
                 out_dir: Path = typer.Option(None, "--out", help="manifest folder (default ROOT)"),
                 frames: Path = typer.Option(None, help="extract JPEG frame folders here"),
-                short_side: int = typer.Option(256, min=16,
-                                               help="frame folders: shorter side in px"),
-                workers: int = typer.Option(2, min=1, help="parallel probe/extract processes")):
-    """Probe every labelled clip and write the manifest (and optionally frame folders)."""
+                short_side: int = typer.Option(256, min=16, help="frame folders and cache: "
+                                               "shorter side in px"),
+                workers: int = typer.Option(2, min=1,
+                                            help="parallel probe/extract/encode processes"),
+                cache: Path = typer.Option(None, help="build a train-ready clip cache here "
+                                           "(every clip re-encoded at --short-side)"),
+                cache_codec: CacheCodec = typer.Option(CacheCodec.h264, help="cache codec: "
+                                                       "h264 (NVDEC, PyAV) or mjpeg (also "
+                                                       "DALI's CPU decoder)")):
+    """Probe every labelled clip and write the manifest (and optionally frame folders
+    and a re-encoded clip cache)."""
     from meld_dali.manifest import prepare
     from meld_dali.report import print_report
 
     with progress() as p:
-        _, report = prepare(root, out_dir, frames, short_side, workers, progress=p)
+        _, report = prepare(root, out_dir, frames, short_side, workers, progress=p,
+                            cache=cache, cache_codec=cache_codec.value)
     print_report(report, out)
 
 

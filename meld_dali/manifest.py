@@ -21,6 +21,7 @@ from typing import Any
 import av
 import numpy as np
 
+from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
 from meld_dali.config import EMOTIONS
 from meld_dali.errors import UserError
 from meld_dali.meld import SPLITS, clip_path, find_sources, read_csv, unlabelled_files
@@ -52,7 +53,8 @@ def probe(path: str) -> dict[str, Any]:
             s = c.streams.video[0]
             info = {"fps": float(s.average_rate or s.guessed_rate or 0) or None,
                     "width": s.codec_context.width, "height": s.codec_context.height,
-                    "codec": s.codec_context.name, "pix_fmt": s.codec_context.pix_fmt}
+                    "codec": s.codec_context.name, "pix_fmt": s.codec_context.pix_fmt,
+                    "profile": s.codec_context.profile}
             claimed = int(s.frames or 0)
             packets = 0
             first_ok = False
@@ -141,6 +143,23 @@ class Manifest:
     def video_path(self, clip: dict) -> Path:
         return (self.base / clip["path"]).resolve()
 
+    @property
+    def has_cache(self) -> bool:
+        """True when `prepare --cache` built a re-encoded clip cache (see meld_dali.cache)."""
+        return bool((self.meta.get("cache") or {}).get("dir"))
+
+    @property
+    def cache_short_side(self) -> int | None:
+        """Shorter side (px) of every cached clip, or None without a cache."""
+        return (self.meta.get("cache") or {}).get("short_side") if self.has_cache else None
+
+    def cache_path(self, clip: dict) -> Path | None:
+        """The clip's cached file, or None when it has none (no cache, or its re-encode
+        failed: then read its source video)."""
+        if not self.has_cache or not clip.get("cache"):
+            return None
+        return (self.base / self.meta["cache"]["dir"] / clip["cache"]).resolve()
+
     def frames_path(self, clip: dict) -> Path | None:
         if not clip.get("frames"):
             return None
@@ -183,9 +202,10 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(sources, paths: list[Path | None], frames: str | None, short_side: int) -> str:
-    """Changes when a CSV, a clip file (size/mtime) or the extraction settings change."""
-    h = hashlib.sha256(f"v{VERSION}|{frames}|{short_side}".encode())
+def _fingerprint(sources, paths: list[Path | None], frames: str | None, short_side: int,
+                 cache: str = "") -> str:
+    """Changes when a CSV, a clip file (size/mtime), the extraction or cache settings change."""
+    h = hashlib.sha256(f"v{VERSION}|{frames}|{short_side}|{cache}".encode())
     for src in sources.values():
         h.update(src.csv.read_bytes())
     for p in paths:
@@ -198,8 +218,11 @@ def _fingerprint(sources, paths: list[Path | None], frames: str | None, short_si
 
 
 def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path | None = None,
-            short_side: int = 256, workers: int = 2, progress=None) -> tuple[Manifest, dict]:
-    """Build (or reuse, or resume) the manifest for a MELD root. Returns (manifest, report)."""
+            short_side: int = 256, workers: int = 2, progress=None,
+            cache: str | Path | None = None, cache_codec: str = "h264"
+            ) -> tuple[Manifest, dict]:
+    """Build (or reuse, or resume) the manifest for a MELD root. Returns (manifest, report).
+    With `cache`, every ok clip is also re-encoded there at `short_side` (meld_dali.cache)."""
     root = Path(root)
     out_dir = Path(out) if out else root
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +235,9 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
                      for ln, why in parsed.bad_rows]
         unlabelled += [str(p) for p in unlabelled_files(src, parsed.rows)]
     frames_dir = Path(frames).resolve() if frames else None
-    fp = _fingerprint(sources, [p for _, p in rows], str(frames_dir), short_side)
+    cache_spec = CacheSpec(str(Path(cache).resolve()), short_side, cache_codec) if cache else None
+    fp = _fingerprint(sources, [p for _, p in rows], str(frames_dir), short_side,
+                      cache_spec.key() if cache_spec else "")
 
     mpath = out_dir / MANIFEST_NAME
     if mpath.exists():
@@ -263,14 +288,16 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
                       "num_frames": int(rec.get("num_frames", 0) or 0),
                       "fps": rec.get("fps"), "width": rec.get("width"),
                       "height": rec.get("height"), "codec": rec.get("codec"),
-                      "pix_fmt": rec.get("pix_fmt"), "status": rec["status"],
-                      "reason": rec.get("reason", ""), "frames": False,
+                      "pix_fmt": rec.get("pix_fmt"), "profile": rec.get("profile"),
+                      "status": rec["status"], "reason": rec.get("reason", ""),
+                      "frames": False, "cache": "", "cache_frames": 0,
                       "csv_seconds": (r.end_s - r.start_s) if r.start_s is not None
                       and r.end_s is not None else None})
 
     meta = {"version": VERSION, "fingerprint": fp, "root": os.path.relpath(root, out_dir),
             "frames_dir": os.path.relpath(frames_dir, out_dir) if frames_dir else "",
-            "short_side": short_side, "emotions": list(EMOTIONS)}
+            "short_side": short_side, "emotions": list(EMOTIONS),
+            "cache": cache_spec.meta(out_dir) if cache_spec else {}}
     if frames_dir:
         jobs = [(i, str(out_dir / c["path"]), str(frames_dir / c["split"] / c["clip_id"]),
                  short_side) for i, c in enumerate(clips) if c["status"] == "ok"]
@@ -284,8 +311,14 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
                 # the decoder's own count is the truth for the frame folder
                 c.update(frames=True, num_frames=n)
 
+    built = build_cache(clips, out_dir, cache_spec, workers, progress) if cache_spec else None
+
     m = Manifest(mpath, clips, meta)
     report = build_report(m, bad_rows, unlabelled)
+    if built:
+        report["cache"] = {"dir": str(cache_spec.dir), "built": built["built"],
+                           "reused": built["reused"], "failed": len(built["failures"])}
+        report["cache_failures"] = built["failures"]
     report["resumed_probes"] = resumed
     _atomic_write_json(out_dir / REPORT_NAME, report)
     _atomic_write_json(mpath, {"meta": meta, "clips": clips})
@@ -328,5 +361,9 @@ def build_report(m: Manifest, bad_rows: list[dict], unlabelled: list[str]) -> di
     problems = [{"split": c["split"], "clip": c["clip_id"], "path": str(m.video_path(c)),
                  "status": c["status"], "reason": c["reason"]}
                 for c in m.clips if c["status"] != "ok"]
+    nvdec = [c for c in m.clips if c["status"] == "ok" and nvdec_unsupported(c)]
     return {"manifest": str(m.path), "splits": counts, "problems": problems,
-            "bad_rows": bad_rows, "unlabelled_files": unlabelled}
+            "bad_rows": bad_rows, "unlabelled_files": unlabelled,
+            "nvdec_unsupported": len(nvdec),
+            "nvdec_unsupported_examples": [str(m.video_path(c)) for c in nvdec[:5]],
+            "cache": {}, "cache_failures": []}

@@ -33,6 +33,23 @@ def print_report(report: dict, console: Console) -> None:
         n = len(report["unlabelled_files"])
         console.print(f"ignored {n} video file(s) with no CSV row, e.g. "
                       f"{report['unlabelled_files'][0]}", highlight=False, soft_wrap=True)
+    for f in report.get("cache_failures", []):
+        console.print(f"[yellow]not cached[/yellow] {f['split']} {f['clip']}: {f['path']} "
+                      f"({f['reason']}); its source video is kept", highlight=False,
+                      soft_wrap=True)
+    if report.get("cache"):
+        c = report["cache"]
+        console.print(f"clip cache {c['dir']}: {c['built']} encoded, {c['reused']} reused, "
+                      f"{c['failed']} failed", highlight=False, soft_wrap=True)
+    if report.get("nvdec_unsupported"):
+        n = report["nvdec_unsupported"]
+        hint = ("" if report.get("cache") else
+                "; build the cache (`meld-dali prepare ROOT --cache DIR`) to train on them "
+                "with dali-gpu")
+        console.print(f"[yellow]{n} clip(s) are H.264 the GPU decoder (NVDEC) cannot take "
+                      f"(10-bit, 4:2:2 or 4:4:4), e.g. "
+                      f"{report['nvdec_unsupported_examples'][0]}{hint}",
+                      highlight=False, soft_wrap=True)
     console.print(f"manifest: {report['manifest']}", highlight=False, soft_wrap=True)
 
 

@@ -7,6 +7,9 @@ Layout, CSV columns, class imbalance and clip lengths follow MELD (see shared/me
 The signal: a square whose colour and pulse rate depend on the emotion, on a random
 background with a grey distractor square that moves at random. Colour survives the
 brightness/contrast jitter, pulse rate survives flips and crops.
+At HD sizes (640x360 and up) the background is a panning multi-scale texture with film-like
+grain, and H.264 is encoded like MELD's (High profile, B-frames, about 2.2 Mbit/s at 720p,
+scaled with the pixel count), so decoding synthetic data costs what decoding MELD costs.
 `faults=True` adds MELD's kinds of defects and records them in OUT/synth.json.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 from meld_dali.config import EMOTIONS
 from meld_dali.meld import CSV_HEADER, CSV_NAMES, VIDEO_DIRS
@@ -34,6 +38,8 @@ SENTIMENT = {"neutral": "neutral", "joy": "positive", "surprise": "positive",
 CLASS_RGB = np.array([[0, 220, 220], [255, 220, 0], [255, 0, 200], [0, 40, 255],
                       [0, 200, 0], [130, 80, 0], [255, 0, 0]], dtype=np.float32)
 CLASS_PERIOD = [0, 4, 6, 8, 10, 12, 14]  # 0 = no pulse
+HD_PIXELS = 640 * 360  # from here on: textured background, MELD-like H.264 bitrate
+HD_BITS_PER_PIXEL = 2.2e6 / (1280 * 720 * 24)  # MELD-like 2.2 Mbit/s at 720p24
 CODECS = {"h264": ("libx264", "yuv420p", {"preset": "ultrafast", "crf": "23"}),
           "vp9": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8",
                                              "crf": "32", "b": "0"}),
@@ -77,8 +83,11 @@ def _clip_length(rng: np.random.Generator) -> int:
 
 
 def render_clip(label: int, n: int, width: int, height: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """uint8 [n, H, W, 3] frames carrying the class signal plus distractors."""
+                rng: np.random.Generator, texture: bool = False) -> np.ndarray:
+    """uint8 [n, H, W, 3] frames carrying the class signal plus distractors.
+    `texture`: a panning textured background with grain (HD sizes) instead of a gradient."""
+    if texture:
+        return _render_textured(label, n, width, height, rng)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     bg0, bg1 = rng.uniform(20, 120, size=(2, 3)).astype(np.float32)
     grad = (xx / max(width - 1, 1))[..., None]
@@ -113,12 +122,85 @@ def render_clip(label: int, n: int, width: int, height: int,
     return frames
 
 
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    """float32 [h, w, 3] in about [-1, 1]: random values on a `cell`-px grid, bicubic."""
+    small = rng.uniform(-1, 1, size=(h // cell + 2, w // cell + 2, 3)).astype(np.float32)
+    img = Image.fromarray(((small + 1) * 127.5).astype(np.uint8))
+    big = np.asarray(img.resize((w + 2 * cell, h + 2 * cell), Image.BICUBIC), np.float32)
+    return big[cell:cell + h, cell:cell + w] / 127.5 - 1
+
+
+def _render_textured(label: int, n: int, width: int, height: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The same class signal (colour + pulse of the square, a grey distractor) on a panning
+    multi-scale texture with a slow light change and grain: content that compresses like
+    filmed video. Integer slicing only, so 720p renders at a few ms per frame."""
+    m = min(width, height)
+    pad = max(8, m // 4)  # room to pan
+    th, tw = height + 2 * pad, width + 2 * pad
+    base = rng.uniform(40, 150, size=3).astype(np.float32)
+    tex = base + 45 * _smooth_noise(rng, th, tw, max(8, m // 6))
+    tex += 20 * _smooth_noise(rng, th, tw, max(4, m // 40))
+    tex += 8 * _smooth_noise(rng, th, tw, 2)
+    tex = np.clip(tex, 0, 255).astype(np.int16)
+    grain = rng.normal(0, 3.0, size=(6, height + 16, width + 16, 1)).astype(np.int16)
+    ox, oy = rng.uniform(0, 2 * pad, size=2)
+    vx, vy = rng.uniform(-1.5, 1.5, size=2) * m / 360
+    side = int(m * rng.uniform(0.35, 0.5))
+    cx, cy = rng.uniform(side / 2, [width - side / 2, height - side / 2])
+    sx, sy = rng.uniform(-1.0, 1.0, size=2) * m / 120
+    dside = int(m * 0.3)
+    dx, dy = rng.uniform(0, [width - dside, height - dside])
+    dvx, dvy = rng.uniform(-2, 2, size=2) * m / 120
+    grey = int(rng.uniform(60, 200))
+    color = (CLASS_RGB[label] * rng.uniform(0.85, 1.0)).astype(np.int16)
+    period = CLASS_PERIOD[label]
+    phase, light_f = rng.uniform(0, 2 * math.pi), rng.uniform(0.01, 0.04)
+    goff = rng.integers(0, 16, size=(n, 2))
+
+    def bounce(p: float, span: int) -> int:
+        p = abs(p) % (2 * span) if span > 0 else 0
+        return int(p if p <= span else 2 * span - p)
+
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    for t in range(n):
+        x0, y0 = bounce(ox + vx * t, 2 * pad), bounce(oy + vy * t, 2 * pad)
+        img = tex[y0:y0 + height, x0:x0 + width].copy()
+        img += int(12 * math.sin(2 * math.pi * light_f * t))
+        gy, gx = goff[t]
+        img += grain[t % len(grain), gy:gy + height, gx:gx + width]
+        x1, y1 = bounce(dx + dvx * t, width - dside), bounce(dy + dvy * t, height - dside)
+        img[y1:y1 + dside, x1:x1 + dside] = grey
+        scale = 1.0 if period == 0 else 0.7 + 0.3 * math.sin(2 * math.pi * t / period + phase)
+        half = max(2, int(side * scale / 2))
+        px = int(np.clip(cx + sx * t, half, width - half))
+        py = int(np.clip(cy + sy * t, half, height - half))
+        img[py - half:py + half, px - half:px + half] = color
+        np.clip(img, 0, 255, out=img)
+        frames[t] = img
+    return frames
+
+
+def _encoder_options(codec: str, width: int, height: int, fps: int) -> tuple[dict, int]:
+    """(options, bit_rate) for the encoder: MELD-like rate control at HD sizes (H.264 High
+    profile with B-frames, ABR at 2.2 Mbit/s per 720p24, VBV-capped), else CODECS'."""
+    options = dict(CODECS[codec][2])
+    if codec != "h264" or width * height < HD_PIXELS:
+        return options, 0
+    rate = int(HD_BITS_PER_PIXEL * width * height * fps)
+    return ({"preset": "superfast", "bf": "3", "maxrate": str(int(rate * 1.4)),
+             "bufsize": str(int(rate * 2))}, rate)
+
+
 def write_video(path: Path, frames: np.ndarray, codec: str = "h264", fps: int = 24) -> None:
     """Encode uint8 [n, H, W, 3] frames with PyAV (n may be 0: an mp4 with no frames)."""
-    name, pix_fmt, options = CODECS[codec]
+    name, pix_fmt, _ = CODECS[codec]
+    options, bit_rate = _encoder_options(codec, frames.shape[2], frames.shape[1], fps)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as out:
-        stream = out.add_stream(name, rate=fps, options=dict(options))
+        stream = out.add_stream(name, rate=fps, options=options)
+        if bit_rate:
+            stream.bit_rate = bit_rate
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         if len(frames) == 0:
@@ -168,7 +250,8 @@ def synth(out_dir: str | Path, spec: SynthSpec, progress=None) -> dict:
     sr = 0
     for split, dia, utt, label, n in plan:
         clip_rng = np.random.default_rng([spec.seed, dia, utt, list(SPLIT_SHARE).index(split)])
-        frames = render_clip(label, n, spec.width, spec.height, clip_rng)
+        frames = render_clip(label, n, spec.width, spec.height, clip_rng,
+                             texture=spec.width * spec.height >= HD_PIXELS)
         _, vdir = _layout(out, split)
         write_video(vdir / f"dia{dia}_utt{utt}.mp4", frames, spec.codec, spec.fps)
         start = 60.0 + 10 * dia + 4 * utt

@@ -51,7 +51,9 @@ def crop_box(h: int, w: int, size: int, p: AugParams) -> tuple[int, int]:
 
 def apply_clip(frames: torch.Tensor, cfg: DataConfig, p: AugParams) -> torch.Tensor:
     """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized."""
-    x = F.resize(frames, [cfg.short_side], antialias=True)
+    if min(frames.shape[-2:]) != cfg.short_side:  # cached clips and frames are already there
+        frames = F.resize(frames, [cfg.short_side], antialias=True)
+    x = frames
     top, left = crop_box(x.shape[-2], x.shape[-1], cfg.crop_size, p)
     x = F.crop(x, top, left, cfg.crop_size, cfg.crop_size)
     if p.flip:

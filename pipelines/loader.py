@@ -214,8 +214,7 @@ class DaliLoader(ManifestLoader):
         per_clip = 1 if self.kind == "video" else self.data.num_frames
         B = -(-self.spec.batch_size // self.n_pipes)  # the largest share of a batch
         dev = self.spec.device
-        resize = not (self.kind == "frames"
-                      and self.spec.manifest.meta.get("short_side") == self.data.short_side)
+        resize = not self._at_short_side()
         pipes = [clip_pipeline(
             source=src, cfg=self.data, is_training=self.spec.train, kind=self.kind,
             device=self.device, dtype=self.dali_dtype, batch_size=B * per_clip,
@@ -232,6 +231,17 @@ class DaliLoader(ManifestLoader):
                                             auto_reset=False, prepare_first_batch=False)
                         for p in pipes]
         self.builds += 1
+
+    def _at_short_side(self) -> bool:
+        """Every clip this loader reads is stored at the training short side already (frame
+        folders, or a cache with no clip left to its source video): no resize in the graph."""
+        m, S = self.spec.manifest, self.data.short_side
+        if self.spec.source == "frames":
+            return m.meta.get("short_side") == S
+        if self.spec.source == "cache":
+            return m.cache_short_side == S and all(
+                m.clips[r].get("cache") for r in m.ok(self.spec.split))
+        return False
 
     def _start_pass(self) -> None:
         """Point the sources at the rest of the current epoch: reset the pipelines when the

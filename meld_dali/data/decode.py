@@ -75,9 +75,15 @@ def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
                      for i in indices.tolist()])
 
 
+def cached_or_video(manifest: Manifest, clip: dict) -> Path:
+    """A clip's re-encoded file, or its source video when its re-encode failed."""
+    return manifest.cache_path(clip) or manifest.video_path(clip)
+
+
 # source -> (where the clip's frames are, how to read them); `data.source` resolves to one
 READERS = {"video": (Manifest.video_path, read_video_frames),
-           "frames": (Manifest.frames_path, read_frame_folder)}
+           "frames": (Manifest.frames_path, read_frame_folder),
+           "cache": (cached_or_video, read_video_frames)}
 
 
 def clip_source_path(manifest: Manifest, clip: dict, source: str) -> Path:

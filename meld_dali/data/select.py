@@ -26,15 +26,19 @@ def dali_available() -> tuple[bool, str]:
 def source_problem(manifest: Manifest, source: str) -> str:
     """Why the manifest cannot be read from `source` ('' when it can)."""
     if source == "frames" and not manifest.has_frames:
-        return ("no frame folders were extracted (run `meld-dali prepare ROOT --frames DIR`)")
+        return "no frame folders were extracted (run `meld-dali prepare ROOT --frames DIR`)"
+    if source == "cache" and not manifest.has_cache:
+        return "no clip cache was built (run `meld-dali prepare ROOT --cache DIR`)"
     return ""
 
 
 def resolve_source(manifest: Manifest, requested: str) -> str:
-    """`data.source` -> what the loaders read: auto = frame folders when extracted, else the
+    """`data.source` -> what the loaders read: auto = the clip cache when built (clips at the
+    training size: the cheapest to decode), else frame folders when extracted, else the
     videos."""
     if requested == "auto":
-        return "frames" if manifest.has_frames else "video"
+        return ("cache" if manifest.has_cache else "frames" if manifest.has_frames
+                else "video")
     why = source_problem(manifest, requested)
     if why:
         raise UserError(f"{manifest.path}: data.source={requested}, but {why}")
@@ -45,7 +49,11 @@ def source_codecs(manifest: Manifest, split: str, source: str) -> set[str]:
     """The codecs a backend must decode to read `split` from `source`."""
     if source == "frames":
         return {"jpeg"}
-    return {manifest.clips[i]["codec"] or "?" for i in manifest.ok(split)}
+    clips = [manifest.clips[i] for i in manifest.ok(split)]
+    if source == "cache":  # clips whose re-encode failed are read from their source video
+        return {manifest.meta["cache"]["codec"] if c.get("cache") else c["codec"] or "?"
+                for c in clips}
+    return {c["codec"] or "?" for c in clips}
 
 
 def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -> str:
@@ -61,8 +69,8 @@ def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -
         return "" if torch.cuda.is_available() else "no CUDA device is visible"
     bad = source_codecs(manifest, split, source) - DALI_CPU_CODECS - {"jpeg"}
     return (f"DALI's CPU video decoder takes VP8/VP9/MJPEG only; this data is "
-            f"{', '.join(sorted(bad))} (use dali-gpu, torch, or frame folders from "
-            "`prepare --frames`)") if bad else ""
+            f"{', '.join(sorted(bad))} (use dali-gpu, torch, a cache from `prepare --cache DIR "
+            "--cache-codec mjpeg`, or frame folders from `prepare --frames`)") if bad else ""
 
 
 def resolve_backend(requested: str, manifest: Manifest, split: str, source: str) -> str:

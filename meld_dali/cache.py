@@ -1,0 +1,258 @@
+"""The train-ready clip cache (`meld-dali prepare ROOT --cache DIR`).
+
+Decoding MELD's 1280x720 H.264 at full resolution is the data path's bottleneck, and the
+first thing training does is shrink every frame to the short side (256). The cache does that
+once: every `ok` clip is re-encoded to `DIR/{split}/{clip_id}{ext}` with its shorter side at
+`short_side` (even dimensions, aspect kept), 8-bit 4:2:0, constant frame rate at the source's
+average rate, and exactly the source's frame count (frame i of the cache is decoded frame i of
+the source, so the sampling spec's indices mean the same frames; VFR sources get pts = i).
+
+- h264 (`.mp4`): libx264, yuv420p, CRF 23, no B-frames, a keyframe every `gop` (16) frames,
+  so a seek decodes at most 15 frames it does not need. NVDEC and PyAV read it.
+- mjpeg (`.avi`): every frame a JPEG (yuvj420p); the only cache DALI's CPU video decoder
+  (VP8/VP9/MJPEG) can read.
+
+Each clip is written to `name.tmp{ext}` and renamed, so a file with its final name is
+complete; a killed build resumes and reuses every finished file whose probed frame count
+and size are right. `cache_settings.json` in DIR records the settings the files were made
+with; files made with other settings are never reused. A clip that cannot be re-encoded is
+reported (path and reason) and keeps its source row: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+# codec -> (encoder, pixel format, file extension)
+CACHE_CODECS = {"h264": ("libx264", "yuv420p", ".mp4"), "mjpeg": ("mjpeg", "yuvj420p", ".avi")}
+SETTINGS_NAME = "cache_settings.json"
+TMP_TAG = ".tmp"
+INTERPOLATION = "AREA"  # box filter down (antialiased), bilinear-like up
+# H.264 the GPU decoder (NVDEC) cannot take: anything but 8-bit 4:2:0
+NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "nv12")
+NVDEC_BAD_PROFILES = ("High 10", "High 10 Intra", "High 4:2:2", "High 4:2:2 Intra",
+                      "High 4:4:4", "High 4:4:4 Predictive", "High 4:4:4 Intra", "CAVLC 4:4:4")
+
+
+class CacheError(RuntimeError):
+    """A clip could not be re-encoded into the cache (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where the cache lives and how its files are encoded (all of it fingerprinted).
+    `crf` is x264's constant rate factor (h264); `qscale` the JPEG quantizer (mjpeg, 2..31)."""
+    dir: str
+    short_side: int = 256
+    codec: str = "h264"
+    crf: int = 23
+    gop: int = 16
+    qscale: int = 3
+
+    def __post_init__(self):
+        if self.codec not in CACHE_CODECS:
+            raise ValueError(f"cache codec must be one of {list(CACHE_CODECS)}, "
+                             f"got {self.codec!r}")
+        if self.short_side < 2:
+            raise ValueError(f"cache short side must be at least 2, got {self.short_side}")
+
+    @property
+    def ext(self) -> str:
+        return CACHE_CODECS[self.codec][2]
+
+    def settings(self) -> dict[str, Any]:
+        """What the files depend on (not where they are)."""
+        s = {"short_side": self.short_side, "codec": self.codec, "ext": self.ext}
+        if self.codec == "h264":
+            s.update(crf=self.crf, gop=self.gop)
+        else:
+            s.update(qscale=self.qscale, gop=1)
+        return s
+
+    def key(self) -> str:
+        """For the manifest fingerprint."""
+        return json.dumps({"dir": str(Path(self.dir).resolve()), **self.settings()},
+                          sort_keys=True)
+
+    def meta(self, manifest_dir: Path) -> dict[str, Any]:
+        """`meta["cache"]` of the manifest: dir relative to the manifest folder."""
+        s = self.settings()
+        return {"dir": os.path.relpath(Path(self.dir).resolve(), Path(manifest_dir).resolve()),
+                "short_side": s["short_side"], "codec": s["codec"], "ext": s["ext"],
+                "crf": s.get("crf"), "gop": s["gop"], "qscale": s.get("qscale")}
+
+    def rel_path(self, split: str, clip_id: str) -> str:
+        return f"{split}/{clip_id}{self.ext}"
+
+
+def cache_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(W, H) with the shorter side = `short_side` (rounded to even), aspect kept, both even."""
+    scale = short_side / min(width, height)
+
+    def even(v: float) -> int:
+        return max(2, 2 * round(v / 2))
+
+    return even(width * scale), even(height * scale)
+
+
+def _tmp_path(dest: Path) -> Path:
+    return dest.with_name(dest.stem + TMP_TAG + dest.suffix)
+
+
+def encode_clip(src: str | Path, dest: str | Path, spec: CacheSpec,
+                expected_frames: int | None = None) -> int:
+    """Re-encode one clip into `dest` (atomically); return the frames written.
+
+    Raises CacheError when the source cannot be decoded to the end or the frame count
+    differs from `expected_frames` (the manifest's), leaving no file at `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(dest)
+    encoder, pix_fmt, _ = CACHE_CODECS[spec.codec]
+    n = 0
+    try:
+        with av.open(str(src)) as inp, av.open(str(tmp), mode="w") as out:
+            s = inp.streams.video[0]
+            s.thread_type = "AUTO"
+            rate = Fraction(s.average_rate or s.guessed_rate or 24).limit_denominator(1001)
+            ost = None
+            for frame in inp.decode(s):
+                if ost is None:
+                    w, h = cache_size(frame.width, frame.height, spec.short_side)
+                    ost = _add_stream(out, encoder, pix_fmt, rate, w, h, spec)
+                img = frame.reformat(w, h, format=pix_fmt, interpolation=INTERPOLATION)
+                img.pts, img.time_base = n, ost.codec_context.time_base  # constant rate
+                for packet in ost.encode(img):
+                    out.mux(packet)
+                n += 1
+            if ost is None:
+                raise CacheError("no frame could be decoded")
+            for packet in ost.encode():
+                out.mux(packet)
+    except CacheError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"after {n} frames: {type(e).__name__}: {e}") from None
+    if expected_frames is not None and n != expected_frames:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"decoded {n} frames, the manifest counts {expected_frames}")
+    os.replace(tmp, dest)
+    return n
+
+
+def _add_stream(out, encoder: str, pix_fmt: str, rate: Fraction, w: int, h: int,
+                spec: CacheSpec):
+    if spec.codec == "h264":
+        g = str(spec.gop)
+        options = {"crf": str(spec.crf), "preset": "veryfast", "bf": "0", "g": g,
+                   "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:bframes=0"}
+    else:
+        options = {"qmin": str(spec.qscale), "qmax": str(spec.qscale)}
+    ost = out.add_stream(encoder, rate=rate, options=options)
+    ost.width, ost.height, ost.pix_fmt = w, h, pix_fmt
+    ost.codec_context.time_base = 1 / rate
+    ost.codec_context.framerate = rate
+    if spec.codec == "mjpeg":
+        ost.codec_context.color_range = 2  # JPEG: full range
+    return ost
+
+
+def _reusable(dest: Path, expected: int, size: tuple[int, int] | None) -> int:
+    """Frames of a finished cache file if it can be kept (count and size right), else 0."""
+    from meld_dali.manifest import probe
+
+    if not dest.exists():
+        return 0
+    info = probe(str(dest))
+    if info.get("status") != "ok" or info.get("num_frames") != expected:
+        return 0
+    if size and (info.get("width"), info.get("height")) != size:
+        return 0
+    return expected
+
+
+def cache_job(args: tuple) -> tuple[int, dict[str, Any]]:
+    """Pool job: (key, src, dest, spec dict, expected frames, (w, h) or None, reuse) ->
+    (key, {"frames", "reused", "error"}). Never raises."""
+    key, src, dest, spec_d, expected, size, reuse = args
+    spec = CacheSpec(**spec_d)
+    dest = Path(dest)
+    try:
+        if reuse and (n := _reusable(dest, expected, size)):
+            return key, {"frames": n, "reused": True, "error": ""}
+        dest.unlink(missing_ok=True)
+        encode_clip(src, dest, spec, expected)
+        n = _reusable(dest, expected, None)  # probe what was written, as prepare counts
+        if not n:
+            dest.unlink(missing_ok=True)
+            raise CacheError("the written file does not probe to the source's frame count")
+        return key, {"frames": n, "reused": False, "error": ""}
+    except CacheError as e:
+        return key, {"frames": 0, "reused": False, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - a bad clip is reported, never fatal
+        _tmp_path(dest).unlink(missing_ok=True)
+        return key, {"frames": 0, "reused": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def build_cache(clips: list[dict], manifest_dir: Path, spec: CacheSpec, workers: int = 2,
+                progress=None) -> dict[str, Any]:
+    """Re-encode every `ok` clip (updating its row's `cache` / `cache_frames` in place).
+    Returns {"built", "reused", "failures": [{split, clip, path, reason}]}."""
+    from meld_dali.manifest import _run_parallel
+
+    root = Path(spec.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stray in root.glob(f"*/*{TMP_TAG}.*"):  # torn writes of a killed build
+        stray.unlink(missing_ok=True)
+    stamp = root / SETTINGS_NAME
+    settings = spec.settings()
+    try:
+        reuse = json.loads(stamp.read_text()) == settings
+    except (OSError, json.JSONDecodeError):
+        reuse = False
+    if not reuse:  # files made with other settings are removed first, never reused
+        stamp.unlink(missing_ok=True)
+        for ext in {e for _, _, e in CACHE_CODECS.values()}:
+            for old in root.glob(f"*/*{ext}"):
+                old.unlink(missing_ok=True)
+        stamp.write_text(json.dumps(settings))
+    jobs = []
+    for i, c in enumerate(clips):
+        c["cache"], c["cache_frames"] = "", 0
+        if c["status"] != "ok" or not c["num_frames"]:
+            continue
+        size = (cache_size(c["width"], c["height"], spec.short_side)
+                if c.get("width") and c.get("height") else None)
+        jobs.append((i, str((Path(manifest_dir) / c["path"]).resolve()),
+                     str(root / spec.rel_path(c["split"], c["clip_id"])), asdict(spec),
+                     int(c["num_frames"]), size, reuse))
+    built, reused, failures = 0, 0, []
+    for i, res in _run_parallel(cache_job, jobs, workers, progress, "cache clips"):
+        c = clips[i]
+        if res["error"]:
+            failures.append({"split": c["split"], "clip": c["clip_id"],
+                             "path": str((Path(manifest_dir) / c["path"]).resolve()),
+                             "reason": res["error"]})
+            continue
+        c["cache"] = spec.rel_path(c["split"], c["clip_id"])
+        c["cache_frames"] = res["frames"]
+        reused += res["reused"]
+        built += not res["reused"]
+    return {"built": built, "reused": reused, "failures": failures}
+
+
+def nvdec_unsupported(clip: dict) -> bool:
+    """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile)."""
+    if clip.get("codec") != "h264":
+        return False
+    return (clip.get("pix_fmt") not in NVDEC_PIX_FMTS
+            or clip.get("profile") in NVDEC_BAD_PROFILES)
