@@ -30,6 +30,9 @@ from typing import Any
 
 import av
 
+from meld_dali.clips import Clip
+from meld_dali.probe import probe, run_parallel
+
 # codec -> (encoder, pixel format, file extension)
 CACHE_CODECS = {"h264": ("libx264", "yuv420p", ".mp4"), "mjpeg": ("mjpeg", "yuvj420p", ".avi")}
 SETTINGS_NAME = "cache_settings.json"
@@ -168,7 +171,6 @@ def _add_stream(out, encoder: str, pix_fmt: str, rate: Fraction, w: int, h: int,
 
 def _reusable(dest: Path, expected: int, size: tuple[int, int] | None) -> int:
     """Frames of a finished cache file if it can be kept (count and size right), else 0."""
-    from meld_dali.manifest import probe
 
     if not dest.exists():
         return 0
@@ -203,11 +205,10 @@ def cache_job(args: tuple) -> tuple[int, dict[str, Any]]:
         return key, {"frames": 0, "reused": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def build_cache(clips: list[dict], manifest_dir: Path, spec: CacheSpec, workers: int = 2,
+def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers: int = 2,
                 progress=None) -> dict[str, Any]:
     """Re-encode every `ok` clip (updating its row's `cache` / `cache_frames` in place).
     Returns {"built", "reused", "failures": [{split, clip, path, reason}]}."""
-    from meld_dali.manifest import _run_parallel
 
     root = Path(spec.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -227,24 +228,24 @@ def build_cache(clips: list[dict], manifest_dir: Path, spec: CacheSpec, workers:
         stamp.write_text(json.dumps(settings))
     jobs = []
     for i, c in enumerate(clips):
-        c["cache"], c["cache_frames"] = "", 0
-        if c["status"] != "ok" or not c["num_frames"]:
+        c.cache, c.cache_frames = "", 0
+        if c.status != "ok" or not c.num_frames:
             continue
-        size = (cache_size(c["width"], c["height"], spec.short_side)
-                if c.get("width") and c.get("height") else None)
-        jobs.append((i, str((Path(manifest_dir) / c["path"]).resolve()),
-                     str(root / spec.rel_path(c["split"], c["clip_id"])), asdict(spec),
-                     int(c["num_frames"]), size, reuse))
+        size = (cache_size(c.width, c.height, spec.short_side)
+                if c.width and c.height else None)
+        jobs.append((i, str((Path(manifest_dir) / c.path).resolve()),
+                     str(root / spec.rel_path(c.split, c.clip_id)), asdict(spec),
+                     int(c.num_frames), size, reuse))
     built, reused, failures = 0, 0, []
-    for i, res in _run_parallel(cache_job, jobs, workers, progress, "cache clips"):
+    for i, res in run_parallel(cache_job, jobs, workers, progress, "cache clips"):
         c = clips[i]
         if res["error"]:
-            failures.append({"split": c["split"], "clip": c["clip_id"],
-                             "path": str((Path(manifest_dir) / c["path"]).resolve()),
+            failures.append({"split": c.split, "clip": c.clip_id,
+                             "path": str((Path(manifest_dir) / c.path).resolve()),
                              "reason": res["error"]})
             continue
-        c["cache"] = spec.rel_path(c["split"], c["clip_id"])
-        c["cache_frames"] = res["frames"]
+        c.cache = spec.rel_path(c.split, c.clip_id)
+        c.cache_frames = res["frames"]
         reused += res["reused"]
         built += not res["reused"]
     return {"built": built, "reused": reused, "failures": failures}

@@ -17,9 +17,10 @@ from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist, predict_loader
 from meld_dali.launch import open_manifest, pick_device
-from meld_dali.manifest import Manifest, probe
+from meld_dali.manifest import Manifest
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
+from meld_dali.probe import probe
 from meld_dali.sampling import sample_indices
 from meld_dali.transforms import EVAL_PARAMS, AugParams
 
@@ -86,7 +87,7 @@ def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], source
         clip = manifest.clips[row]
         views = []
         for t in range(temporal):
-            idx, mask = sample_indices(clip["num_frames"], cfg.num_frames, train=False,
+            idx, mask = sample_indices(clip.num_frames, cfg.num_frames, train=False,
                                        position=(t + 0.5) / temporal)
             raw = read_clip(manifest, clip, idx[mask], source)
             h, w = raw.shape[1:3]

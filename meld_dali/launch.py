@@ -196,7 +196,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         saver=ckpt_io.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_last, on_best,
                                       enabled=dist.main),
         reporter=EpochReporter(run_dir, tracker, console, enabled=dist.main),
-        clip_ids=[c["clip_id"] for c in manifest.clips])
+        clip_ids=[c.clip_id for c in manifest.clips])
     if state is not None:
         trainer.load_state_dict(state)
         trainer.reporter.rewind(trainer.epoch)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,67 +21,17 @@ import av
 import numpy as np
 
 from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
-from meld_dali.config import EMOTIONS
+from meld_dali.clips import Clip
+from meld_dali.config import EMOTIONS, DataConfig
 from meld_dali.errors import UserError
 from meld_dali.meld import SPLITS, clip_path, find_sources, read_csv, unlabelled_files
+from meld_dali.probe import probe, run_parallel
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_NAME = "manifest.partial.jsonl"
 REPORT_NAME = "prepare_report.json"
 VERSION = 1
 STATUSES = ("ok", "missing", "unreadable", "empty")
-
-
-# ----------------------------------------------------------------------------- probing
-
-
-def probe(path: str) -> dict[str, Any]:
-    """Frame count, fps, size, codec and pixel format of one clip; never raises.
-
-    The frame count is the number of video packets demuxed (one per frame for MELD's
-    codecs); where the container's own count disagrees, frames are decoded and counted.
-    The first frame is always decoded, so a file that cannot be decoded is `unreadable`.
-    """
-    p = Path(path)
-    if not p.exists():
-        return {"status": "missing", "reason": "file not found"}
-    try:
-        with av.open(str(p)) as c:
-            if not c.streams.video:
-                return {"status": "empty", "reason": "no video stream"}
-            s = c.streams.video[0]
-            info = {"fps": float(s.average_rate or s.guessed_rate or 0) or None,
-                    "width": s.codec_context.width, "height": s.codec_context.height,
-                    "codec": s.codec_context.name, "pix_fmt": s.codec_context.pix_fmt,
-                    "profile": s.codec_context.profile}
-            claimed = int(s.frames or 0)
-            packets = 0
-            first_ok = False
-            for packet in c.demux(s):
-                if packet.size == 0:
-                    continue
-                packets += 1
-                if not first_ok:
-                    first_ok = any(True for _ in packet.decode())
-            if not first_ok and packets:
-                # a decoder may hold frames back until flushed
-                first_ok = any(True for _ in s.codec_context.decode(None))
-        n = packets
-        if claimed and claimed != packets:
-            n = count_decoded(str(p))
-        if packets == 0:
-            return {**info, "status": "empty", "num_frames": 0, "reason": "no video frames"}
-        if not first_ok:
-            return {**info, "status": "unreadable", "num_frames": 0,
-                    "reason": "no frame could be decoded"}
-        return {**info, "status": "ok", "num_frames": n, "reason": ""}
-    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
-        return {"status": "unreadable", "reason": f"{type(e).__name__}: {e}"}
-
-
-def count_decoded(path: str) -> int:
-    with av.open(path) as c:
-        return sum(1 for _ in c.decode(video=0))
 
 
 def extract_frames(video: str, dest: str, short_side: int) -> int:
@@ -129,7 +78,7 @@ def _extract_job(args: tuple[int, str, str, int]) -> tuple[int, int, str]:
 @dataclass
 class Manifest:
     path: Path  # manifest.json
-    clips: list[dict[str, Any]]
+    clips: list[Clip]
     meta: dict[str, Any]
 
     @property
@@ -140,8 +89,8 @@ class Manifest:
     def has_frames(self) -> bool:
         return bool(self.meta.get("frames_dir"))
 
-    def video_path(self, clip: dict) -> Path:
-        return (self.base / clip["path"]).resolve()
+    def video_path(self, clip: Clip) -> Path:
+        return (self.base / clip.path).resolve()
 
     @property
     def has_cache(self) -> bool:
@@ -153,25 +102,25 @@ class Manifest:
         """Shorter side (px) of every cached clip, or None without a cache."""
         return (self.meta.get("cache") or {}).get("short_side") if self.has_cache else None
 
-    def cache_path(self, clip: dict) -> Path | None:
+    def cache_path(self, clip: Clip) -> Path | None:
         """The clip's cached file, or None when it has none (no cache, or its re-encode
         failed: then read its source video)."""
-        if not self.has_cache or not clip.get("cache"):
+        if not self.has_cache or not clip.cache:
             return None
-        return (self.base / self.meta["cache"]["dir"] / clip["cache"]).resolve()
+        return (self.base / self.meta["cache"]["dir"] / clip.cache).resolve()
 
-    def frames_path(self, clip: dict) -> Path | None:
-        if not clip.get("frames"):
+    def frames_path(self, clip: Clip) -> Path | None:
+        if not clip.frames:
             return None
-        return (self.base / self.meta["frames_dir"] / clip["split"] / clip["clip_id"]).resolve()
+        return (self.base / self.meta["frames_dir"] / clip.split / clip.clip_id).resolve()
 
     def ok(self, split: str) -> list[int]:
         """Row indices of loadable clips of a split (row index = Batch.index)."""
         return [i for i, c in enumerate(self.clips)
-                if c["split"] == split and c["status"] == "ok" and c["num_frames"] > 0]
+                if c.split == split and c.loadable]
 
     def labels(self, rows: list[int]) -> np.ndarray:
-        return np.array([self.clips[i]["label"] for i in rows], dtype=np.int64)
+        return np.array([self.clips[i].label for i in rows], dtype=np.int64)
 
     def class_counts(self, split: str) -> list[int]:
         counts = np.bincount(self.labels(self.ok(split)), minlength=len(EMOTIONS))
@@ -187,8 +136,8 @@ class Manifest:
             raise UserError(f"no manifest at {p}: run `meld-dali prepare {Path(where)}` first")
         try:
             data = json.loads(p.read_text())
-            return cls(p, data["clips"], data["meta"])
-        except (json.JSONDecodeError, KeyError) as e:
+            return cls(p, [Clip.from_dict(c) for c in data["clips"]], data["meta"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{p}: not a meld-dali manifest ({e}); delete it and re-run "
                             "`meld-dali prepare`") from None
 
@@ -273,7 +222,7 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
     todo = [(i, str(p) if p else "") for i, (r, p) in enumerate(rows) if key(r) not in done]
     resumed = len(rows) - len(todo)
     with open(partial, "a") as log:
-        for i, result in _run_parallel(_probe_job, todo, workers, progress, "probe clips"):
+        for i, result in run_parallel(_probe_job, todo, workers, progress, "probe clips"):
             rec = {"key": key(rows[i][0]), **result}
             done[rec["key"]] = rec
             log.write(json.dumps(rec) + "\n")
@@ -283,33 +232,31 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
     for r, p in rows:
         rec = done[key(r)]
         rel = os.path.relpath(p, out_dir) if p else ""
-        clips.append({"clip_id": r.clip_id, "split": r.split, "emotion": r.emotion,
-                      "label": EMOTIONS.index(r.emotion), "path": rel,
-                      "num_frames": int(rec.get("num_frames", 0) or 0),
-                      "fps": rec.get("fps"), "width": rec.get("width"),
-                      "height": rec.get("height"), "codec": rec.get("codec"),
-                      "pix_fmt": rec.get("pix_fmt"), "profile": rec.get("profile"),
-                      "status": rec["status"], "reason": rec.get("reason", ""),
-                      "frames": False, "cache": "", "cache_frames": 0,
-                      "csv_seconds": (r.end_s - r.start_s) if r.start_s is not None
-                      and r.end_s is not None else None})
+        clips.append(Clip(
+            r.clip_id, r.split, r.emotion, EMOTIONS.index(r.emotion), path=rel,
+            status=rec["status"], reason=rec.get("reason", ""),
+            num_frames=int(rec.get("num_frames", 0) or 0), fps=rec.get("fps"),
+            width=rec.get("width"), height=rec.get("height"), codec=rec.get("codec"),
+            pix_fmt=rec.get("pix_fmt"), profile=rec.get("profile"),
+            csv_seconds=(r.end_s - r.start_s) if r.start_s is not None
+            and r.end_s is not None else None))
 
     meta = {"version": VERSION, "fingerprint": fp, "root": os.path.relpath(root, out_dir),
             "frames_dir": os.path.relpath(frames_dir, out_dir) if frames_dir else "",
             "short_side": short_side, "emotions": list(EMOTIONS),
             "cache": cache_spec.meta(out_dir) if cache_spec else {}}
     if frames_dir:
-        jobs = [(i, str(out_dir / c["path"]), str(frames_dir / c["split"] / c["clip_id"]),
-                 short_side) for i, c in enumerate(clips) if c["status"] == "ok"]
-        for i, (n, err) in _run_parallel(_extract_job, jobs, workers, progress,
+        jobs = [(i, str(out_dir / c.path), str(frames_dir / c.split / c.clip_id),
+                 short_side) for i, c in enumerate(clips) if c.status == "ok"]
+        for i, (n, err) in run_parallel(_extract_job, jobs, workers, progress,
                                          "extract frames"):
             c = clips[i]
             if err or n == 0:
-                c.update(status="unreadable",
-                         reason=f"frame extraction failed: {err or 'no frames'}")
+                c.status = "unreadable"
+                c.reason = f"frame extraction failed: {err or 'no frames'}"
             else:
                 # the decoder's own count is the truth for the frame folder
-                c.update(frames=True, num_frames=n)
+                c.frames, c.num_frames = True, n
 
     built = build_cache(clips, out_dir, cache_spec, workers, progress) if cache_spec else None
 
@@ -321,49 +268,38 @@ def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path 
         report["cache_failures"] = built["failures"]
     report["resumed_probes"] = resumed
     _atomic_write_json(out_dir / REPORT_NAME, report)
-    _atomic_write_json(mpath, {"meta": meta, "clips": clips})
+    _atomic_write_json(mpath, {"meta": meta, "clips": [c.to_dict() for c in clips]})
     partial.unlink(missing_ok=True)
     report["reused"] = False
     return m, report
 
 
-def _run_parallel(fn, jobs: list, workers: int, progress, label: str):
-    """Yield (key, result) for each job, in a process pool when workers > 1."""
-    task = progress.add_task(label, total=len(jobs)) if progress and jobs else None
-    if workers <= 1 or len(jobs) < 8:
-        results = map(fn, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(fn, jobs, chunksize=4)
-    try:
-        for key, *rest in results:
-            yield key, rest[0] if len(rest) == 1 else tuple(rest)
-            if task is not None:  # after the caller has recorded the result
-                progress.advance(task)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+# "short" clips in the report: fewer frames than the seed recipe samples (padded and masked)
+SHORT_CLIP_FRAMES = DataConfig.model_fields["num_frames"].default
 
 
 def build_report(m: Manifest, bad_rows: list[dict], unlabelled: list[str]) -> dict:
+    """Per split: the labelled rows of the CSVs per class beside the usable (ok) ones, the
+    status counts, and every problem with its path."""
     counts: dict[str, dict] = {}
     for split in SPLITS:
-        in_split = [c for c in m.clips if c["split"] == split]
+        in_split = [c for c in m.clips if c.split == split]
         if not in_split:
             continue
-        status = Counter(c["status"] for c in in_split)
-        ok = Counter(c["emotion"] for c in in_split if c["status"] == "ok")
+        status = Counter(c.status for c in in_split)
+        ok = Counter(c.emotion for c in in_split if c.status == "ok")
+        labelled = Counter(c.emotion for c in in_split)  # one manifest row per CSV row
         counts[split] = {"rows": len(in_split), **{s: status.get(s, 0) for s in STATUSES},
+                         "labelled_per_class": {e: labelled.get(e, 0) for e in EMOTIONS},
                          "ok_per_class": {e: ok.get(e, 0) for e in EMOTIONS},
-                         "short_clips": sum(1 for c in in_split if c["status"] == "ok"
-                                            and c["num_frames"] < 32)}
-    problems = [{"split": c["split"], "clip": c["clip_id"], "path": str(m.video_path(c)),
-                 "status": c["status"], "reason": c["reason"]}
-                for c in m.clips if c["status"] != "ok"]
-    nvdec = [c for c in m.clips if c["status"] == "ok" and nvdec_unsupported(c)]
+                         "short_clips": sum(1 for c in in_split if c.status == "ok"
+                                            and c.num_frames < SHORT_CLIP_FRAMES)}
+    problems = [{"split": c.split, "clip": c.clip_id, "path": str(m.video_path(c)),
+                 "status": c.status, "reason": c.reason}
+                for c in m.clips if c.status != "ok"]
+    nvdec = [c for c in m.clips if c.status == "ok" and nvdec_unsupported(c.to_dict())]
     return {"manifest": str(m.path), "splits": counts, "problems": problems,
             "bad_rows": bad_rows, "unlabelled_files": unlabelled,
             "nvdec_unsupported": len(nvdec),
             "nvdec_unsupported_examples": [str(m.video_path(c)) for c in nvdec[:5]],
-            "cache": {}, "cache_failures": []}
+            "short_clip_frames": SHORT_CLIP_FRAMES, "cache": {}, "cache_failures": []}

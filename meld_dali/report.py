@@ -14,7 +14,8 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"manifest up to date (inputs unchanged): {report['manifest']}")
     classes = Table(title="usable (ok) clips per split and class")
     status = Table(title="clip status per split")
-    for t, cols in ((classes, [*EMOTIONS, "total"]), (status, [*STATUSES, "< 32 frames"])):
+    short = f"< {report.get('short_clip_frames', 32)} frames"
+    for t, cols in ((classes, [*EMOTIONS, "total"]), (status, [*STATUSES, short])):
         t.add_column("split")
         for c in cols:
             t.add_column(c, justify="right")

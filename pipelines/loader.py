@@ -166,7 +166,7 @@ class DaliLoader(ManifestLoader):
     # ------------------------------------------------------------------ samples
 
     def indices(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.spec.manifest.clips[row]["num_frames"]
+        n = self.spec.manifest.clips[row].num_frames
         return clip_indices(n, self.data.num_frames, train=self.spec.train, seed=self.spec.seed,
                             epoch=self.pass_epoch, clip=row)
 
@@ -179,10 +179,10 @@ class DaliLoader(ManifestLoader):
         idx, mask = self.indices(real)
         params = dali_params(draw_params(self.data, seed=s.seed, epoch=self.pass_epoch,
                                          clip=real) if s.train else EVAL_PARAMS, self.data)
-        label, index = np.array(clip["label"], np.int64), np.array(row, np.int64)
+        label, index = np.array(clip.label, np.int64), np.array(row, np.int64)
         if self.kind == "video":
             # padded slots ask for frames past the end: the decoder fills them with 0
-            idx = np.where(mask, idx, clip["num_frames"] + np.arange(T)).astype(np.int32)
+            idx = np.where(mask, idx, clip.num_frames + np.arange(T)).astype(np.int32)
             items = [(encoded[0], idx, params, label, index, mask.astype(np.uint8))]
         else:  # one sample per frame, each with its clip's draw
             items = [(e, idx[:1].astype(np.int32), params, label, index, np.array(m, np.uint8))
@@ -240,7 +240,7 @@ class DaliLoader(ManifestLoader):
             return m.meta.get("short_side") == S
         if self.spec.source == "cache":
             return m.cache_short_side == S and all(
-                m.clips[r].get("cache") for r in m.ok(self.spec.split))
+                m.clips[r].cache for r in m.ok(self.spec.split))
         return False
 
     def _start_pass(self) -> None:
@@ -335,7 +335,7 @@ class DaliLoader(ManifestLoader):
         if not failures:  # DALI fails a batch as a whole: name the likely clips
             m = self.spec.manifest
             clips = [m.clips[r] for r in good_rows]
-            odd = [c for c in clips if c.get("pix_fmt") not in (None, "yuv420p", "yuvj420p")]
+            odd = [c for c in clips if c.pix_fmt not in (None, "yuv420p", "yuvj420p")]
             names = ", ".join(str(clip_source_path(m, c, self.spec.source))
                               for c in (odd or clips))
             log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from meld_dali.cache import CacheError, CacheSpec, cache_size, encode_clip, nvdec_unsupported
 from meld_dali.data.decode import read_video_frames
-from meld_dali.manifest import prepare, probe
+from meld_dali.manifest import prepare
+from meld_dali.probe import probe
 from meld_dali.report import print_report
 from meld_dali.sampling import clip_indices
 from meld_dali.synth import SynthSpec, _encoder_options, render_clip, synth, write_video
@@ -147,7 +148,7 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     assert m.meta["cache"] == {**m.meta["cache"], "codec": "h264", "crf": 23, "gop": 16}
     for i in ok:
         c = m.clips[i]
-        assert c["cache_frames"] == c["num_frames"] and m.cache_path(c).exists()
+        assert c.cache_frames == c.num_frames and m.cache_path(c).exists()
     # a kill: the manifest never written, two clips unfinished, one torn temp file
     (root / "manifest.json").unlink()
     gone = [m.cache_path(m.clips[i]) for i in ok[:2]]
@@ -191,8 +192,8 @@ def test_clip_that_cannot_be_reencoded_is_reported_and_kept(tiny_root, tmp_path)
         encode_clip(victim, tmp_path / "x.mp4", CacheSpec(str(tmp_path), 32))
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.tmp.mp4").exists()
     m, rep = prepare(root, short_side=32, workers=1, cache=tmp_path / "cache")
-    row = next(c for c in m.clips if c["clip_id"] == victim.stem and c["split"] == "dev")
-    assert row["status"] == "ok" and row["cache"] == "" and m.cache_path(row) is None
+    row = next(c for c in m.clips if c.clip_id == victim.stem and c.split == "dev")
+    assert row.status == "ok" and row.cache == "" and m.cache_path(row) is None
     assert m.video_path(row) == victim.resolve()
     from meld_dali.data.decode import clip_source_path
 

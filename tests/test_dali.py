@@ -42,8 +42,8 @@ def test_dali_batch_contract(synth_vp9, frames):
         assert b.mask.dtype == torch.bool and b.label.dtype == torch.int64
         for k in range(B):
             clip = m.clips[int(b.index[k])]
-            assert int(b.mask[k].sum()) == min(clip["num_frames"], 16)
-            assert int(b.label[k]) == clip["label"]
+            assert int(b.mask[k].sum()) == min(clip.num_frames, 16)
+            assert int(b.label[k]) == clip.label
             if (~b.mask[k]).any():
                 padded += 1
                 assert torch.count_nonzero(b.video[k][:, ~b.mask[k]]) == 0

@@ -36,9 +36,9 @@ def test_batch_contract(synth_root, frames):
         assert b.mask.shape == (B, 32) and b.mask.dtype == torch.bool
         assert b.label.dtype == torch.int64 and b.index.dtype == torch.int64
         for k in range(B):
-            n = m.clips[int(b.index[k])]["num_frames"]
+            n = m.clips[int(b.index[k])].num_frames
             assert int(b.mask[k].sum()) == min(n, 32)
-            assert b.label[k] == m.clips[int(b.index[k])]["label"]
+            assert b.label[k] == m.clips[int(b.index[k])].label
             pad = ~b.mask[k]
             if pad.any():
                 saw_padding = True
@@ -126,10 +126,10 @@ def test_corrupt_clip_mid_epoch_is_skipped_and_reported(synth_root, tmp_path, ca
 
 def test_decoder_returns_the_requested_frames(synth_root):
     m = Manifest.load(synth_root)
-    c = next(c for c in m.clips if c["status"] == "ok" and c["num_frames"] >= 40)
-    idx, _ = clip_indices(c["num_frames"], 8, train=True, seed=0, epoch=0, clip=0)
+    c = next(c for c in m.clips if c.status == "ok" and c.num_frames >= 40)
+    idx, _ = clip_indices(c.num_frames, 8, train=True, seed=0, epoch=0, clip=0)
     some = read_video_frames(m.video_path(c), idx)
-    every = read_video_frames(m.video_path(c), np.arange(c["num_frames"]))
+    every = read_video_frames(m.video_path(c), np.arange(c.num_frames))
     assert np.array_equal(some, every[idx])
 
 

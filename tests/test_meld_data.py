@@ -47,6 +47,12 @@ def test_real_meld_csvs_give_the_paper_counts(tmp_path):
         assert all(r.start_s is not None and r.end_s is not None for r in parsed.rows)
     train = read_csv(sources["train"].csv, "train").rows
     assert 60 not in {r.dialogue for r in train}  # MELD's train has no dialogue 60
+    # prepare reports the labelled rows per class even when no video is there
+    _, report = prepare(tmp_path, workers=1)
+    for split, expected in MELD_COUNTS.items():
+        c = report["splits"][split]
+        assert c["labelled_per_class"] == expected and c["rows"] == sum(expected.values())
+        assert c["missing"] == c["rows"] and sum(c["ok_per_class"].values()) == 0
 
 
 def test_parse_time_quirks():
@@ -58,7 +64,7 @@ def test_parse_time_quirks():
 def test_prepare_with_faults_gives_exact_statuses(synth_root):
     info = json.loads((synth_root / "synth.json").read_text())
     m = Manifest.load(synth_root)
-    status = {(c["split"], c["clip_id"]): c["status"] for c in m.clips}
+    status = {(c.split, c.clip_id): c.status for c in m.clips}
     f = info["faults"]
     assert status[(f["missing"]["split"], f["missing"]["clip"])] == "missing"
     assert status[(f["corrupt"]["split"], f["corrupt"]["clip"])] == "unreadable"
@@ -73,10 +79,10 @@ def test_prepare_with_faults_gives_exact_statuses(synth_root):
     assert any(f["unlabelled"]["clip"] in p for p in report["unlabelled_files"])
     # frame counts come from the file: they match what a decoder yields
     for c in m.clips[:10]:
-        if c["status"] == "ok":
+        if c.status == "ok":
             with av.open(str(m.video_path(c))) as v:
-                assert c["num_frames"] == sum(1 for _ in v.decode(video=0))
-    assert any(c["num_frames"] < 32 for c in m.clips if c["status"] == "ok")
+                assert c.num_frames == sum(1 for _ in v.decode(video=0))
+    assert any(c.num_frames < 32 for c in m.clips if c.status == "ok")
 
 
 class Interrupt(Exception):
@@ -108,27 +114,27 @@ def test_interrupted_prepare_resumes_and_reuses(tmp_path):
     assert report["resumed_probes"] == 12 and not report["reused"]
     fresh_dir = tmp_path / "fresh"
     m2, _ = prepare(tmp_path, out=fresh_dir, workers=1)
-    strip = lambda clips: [{k: v for k, v in c.items() if k != "path"} for c in clips]
+    strip = lambda clips: [{k: v for k, v in c.to_dict().items() if k != "path"} for c in clips]
     assert strip(m.clips) == strip(m2.clips)
     _, again = prepare(tmp_path, workers=1)
     assert again["reused"]
     # a changed input invalidates it
     (tmp_path / "dev_sent_emo.csv").write_text(
         (tmp_path / "dev_sent_emo.csv").read_text() + "")
-    victim = next(c for c in m.clips if c["split"] == "dev")
+    victim = next(c for c in m.clips if c.split == "dev")
     m.video_path(victim).unlink()
     m3, changed = prepare(tmp_path, workers=1)
     assert not changed["reused"]
-    assert next(c for c in m3.clips if c["clip_id"] == victim["clip_id"]
-                and c["split"] == "dev")["status"] == "missing"
+    assert next(c for c in m3.clips if c.clip_id == victim.clip_id
+                and c.split == "dev").status == "missing"
 
 
 def test_extracted_frames_are_what_the_decoder_sees(synth_root):
     m = Manifest.load(synth_root)
-    c = next(c for c in m.clips if c["status"] == "ok" and c["num_frames"] > 10)
+    c = next(c for c in m.clips if c.status == "ok" and c.num_frames > 10)
     folder = m.frames_path(c)
     jpgs = sorted(folder.glob("*.jpg"))
-    assert len(jpgs) == c["num_frames"]
+    assert len(jpgs) == c.num_frames
     with av.open(str(m.video_path(c))) as v:
         frames = [f.to_image() for f in v.decode(video=0)]
     for i in (0, len(jpgs) // 2, len(jpgs) - 1):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from meld_dali.clips import Clip
 from meld_dali.config import DataConfig
 from meld_dali.manifest import Manifest
 from meld_dali.transforms import AugParams, apply_clip
@@ -75,7 +76,7 @@ def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
                      for i in indices.tolist()])
 
 
-def cached_or_video(manifest: Manifest, clip: dict) -> Path:
+def cached_or_video(manifest: Manifest, clip: Clip) -> Path:
     """A clip's re-encoded file, or its source video when its re-encode failed."""
     return manifest.cache_path(clip) or manifest.video_path(clip)
 
@@ -86,11 +87,11 @@ READERS = {"video": (Manifest.video_path, read_video_frames),
            "cache": (cached_or_video, read_video_frames)}
 
 
-def clip_source_path(manifest: Manifest, clip: dict, source: str) -> Path:
+def clip_source_path(manifest: Manifest, clip: Clip, source: str) -> Path:
     return READERS[source][0](manifest, clip)
 
 
-def read_clip(manifest: Manifest, clip: dict, indices: np.ndarray, source: str) -> np.ndarray:
+def read_clip(manifest: Manifest, clip: Clip, indices: np.ndarray, source: str) -> np.ndarray:
     """Frames uint8 [k, H, W, 3] of one manifest clip from the resolved `source`."""
     where, read = READERS[source]
     return read(where(manifest, clip), indices)

@@ -51,9 +51,9 @@ def source_codecs(manifest: Manifest, split: str, source: str) -> set[str]:
         return {"jpeg"}
     clips = [manifest.clips[i] for i in manifest.ok(split)]
     if source == "cache":  # clips whose re-encode failed are read from their source video
-        return {manifest.meta["cache"]["codec"] if c.get("cache") else c["codec"] or "?"
+        return {manifest.meta["cache"]["codec"] if c.cache else c.codec or "?"
                 for c in clips}
-    return {c["codec"] or "?" for c in clips}
+    return {c.codec or "?" for c in clips}
 
 
 def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -> str:

@@ -31,7 +31,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         epoch, row = item
         clip = self.m.clips[row]
-        idx, mask = clip_indices(clip["num_frames"], self.cfg.num_frames, train=self.train,
+        idx, mask = clip_indices(clip.num_frames, self.cfg.num_frames, train=self.train,
                                  seed=self.seed, epoch=epoch, clip=row)
         try:
             frames = read_clip(self.m, clip, idx[mask], self.source)
@@ -41,7 +41,7 @@ class ClipDataset(Dataset):
         params = (draw_params(self.cfg, seed=self.seed, epoch=epoch, clip=row)
                   if self.train else EVAL_PARAMS)
         video, mask = to_clip(frames, self.cfg, params)
-        return video, mask, clip["label"], row
+        return video, mask, clip.label, row
 
 
 def collate(items) -> tuple[Batch | None, list[ClipFailure]]:
