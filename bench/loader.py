@@ -128,11 +128,12 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                 wu = max(auto_warmup(backend, loader_cfg), warmup or 0)
                 if source not in inputs:
                     inputs[source] = describe_input(manifest, split, source)
-                per_epoch = len(loader)
+                per_epoch = len(loader)  # before timing: the position is at an epoch start
                 row = {"backend": backend, "source": source, "input": inputs[source],
                        **time_loader(loader, batches, repeats, wu, device)}
-                row["batches_per_epoch"] = per_epoch
-                row["epochs_in_window"] = row["timed_clips"] / max(train_clips, 1)
+                epoch_clips = getattr(loader, "num_clips", train_clips)  # what one pass takes
+                row["batches_per_epoch"], row["epoch_clips"] = per_epoch, epoch_clips
+                row["epochs_in_window"] = row["timed_clips"] / max(epoch_clips, 1)
                 row["epoch_boundaries_in_window"] = window(wu, batches * repeats, per_epoch)
                 if soak_epochs:
                     row["soak"] = soak(loader, soak_epochs)
@@ -145,7 +146,8 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
     if crossing:
         warnings.append(
             f"timed windows cross epoch boundaries ({', '.join(crossing)}; "
-            f"{results[0]['epochs_in_window']:.1f} epochs of {train_clips} {split} clips): "
+            f"{results[0]['epochs_in_window']:.1f} epochs of {results[0]['epoch_clips']} "
+            f"{split} clips): "
             "each boundary restarts the loader's prefetch inside the timing"
             + ("; by design for the MELD-shaped set (see README)"
                if (dataset or {}).get("kind") == "meld-shaped" else ""))

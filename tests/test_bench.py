@@ -157,7 +157,8 @@ def test_bench_quick_cli_labelled_and_warmed(tmp_path, monkeypatch):
     row = report["results"][0]
     assert row["warmup_batches"] >= 2 * 2  # workers x prefetch, what the DataLoader holds
     assert row["timed_batches"] == 1 and row["timed_clips"] == 2
-    assert row["epochs_in_window"] == pytest.approx(2 / report["settings"]["clips"])
+    assert row["epochs_in_window"] == pytest.approx(2 / row["epoch_clips"])
+    assert 0 < row["epoch_clips"] <= report["settings"]["clips"]
 
 
 def test_pss_below_summed_rss_with_workers(synth_vp9):
