@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -68,12 +69,42 @@ def write_json(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def tree_memory(procs) -> tuple[int, int]:
+    """(summed RSS, memory of the tree) in bytes for a list of psutil processes.
+
+    Summed RSS counts every shared page (torch, the libraries, copy-on-write memory of
+    forked workers) once per process: 12 workers read as 12 copies. The tree's memory is
+    the sum of PSS (each shared page split over the processes that map it), or where PSS is
+    unavailable, the private memory (USS) of each process plus the largest shared size once."""
+    rss = pss = uss = shared = 0
+    have_pss = True
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            info = p.memory_info()
+            rss += info.rss
+            shared = max(shared, getattr(info, "shared", 0))
+            try:
+                full = p.memory_full_info()
+            except (psutil.AccessDenied, NotImplementedError):
+                have_pss = False
+                continue
+            uss += getattr(full, "uss", 0)
+            if hasattr(full, "pss"):
+                pss += full.pss
+            else:
+                have_pss = False
+    return rss, pss if have_pss else uss + shared
+
+
 class ResourceMonitor:
-    """Samples this process tree's RSS (peak) and CPU time, and the GPU's memory and
-    utilization through NVML when there is a GPU, in a background thread."""
+    """Samples this process tree's memory (peak summed RSS and peak PSS) and CPU time, and
+    the GPU's memory and utilization through NVML when there is a GPU, in a background
+    thread. `peak_mem` (PSS) is the figure to read; `peak_rss` is kept for comparison."""
+
+    MEMORY = "PSS"  # what peak_mem_mb is, for table headers
 
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak_rss = interval, 0
+        self.interval, self.peak_rss, self.peak_mem = interval, 0, 0
         self.gpu_util: list[float] = []
         self._stop = threading.Event()
         self.proc = psutil.Process()
@@ -105,11 +136,8 @@ class ResourceMonitor:
         return total
 
     def _sample(self) -> None:
-        rss = 0
-        for p in self._tree():
-            with contextlib.suppress(psutil.Error):
-                rss += p.memory_info().rss
-        self.peak_rss = max(self.peak_rss, rss)
+        rss, mem = tree_memory(self._tree())
+        self.peak_rss, self.peak_mem = max(self.peak_rss, rss), max(self.peak_mem, mem)
         if self._nvml is not None:
             try:
                 self.gpu_util.append(
@@ -138,9 +166,107 @@ class ResourceMonitor:
         self._thread.join()
 
     def summary(self) -> dict:
-        out = {"peak_rss_mb": self.peak_rss / 2**20, "cpu_util": self.cpu_util}
+        out = {"peak_mem_mb": self.peak_mem / 2**20, "peak_rss_mb": self.peak_rss / 2**20,
+               "cpu_util": self.cpu_util}
         if torch.cuda.is_available():
             out["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             if self.gpu_util:
                 out["gpu_util"] = sum(self.gpu_util) / len(self.gpu_util) / 100
         return out
+
+
+# ----------------------------------------------------------------------------- bench data
+
+# The default bench set: MELD's inputs where they matter for speed (1280x720 H.264 at
+# MELD-like bitrates, MELD's clip-length mix). 120 clips = 72 train clips = 9 batches of 8;
+# the default window (warm-up + 10 batches x 3 repeats x 8 clips) spans several epochs by
+# design: on 2 cores 720p synthesis costs ~5-6 s per clip, so a set large enough for one
+# epoch (~450 clips) would take the better part of an hour. `epochs_in_window` records it.
+MELD_SHAPED = {"clips": 120, "codec": "h264", "width": 1280, "height": 720, "seed": 0}
+# --quick: small and fast, for smoke tests and CI (VP9: DALI's CPU decoder reads it).
+QUICK = {"clips": 48, "codec": "vp9", "width": 160, "height": 120, "seed": 0}
+DATA_ROOTS = {"meld-shaped": Path("runs") / "bench-data-720p",
+              "quick": Path("runs") / "bench-data-quick"}
+MARKER = "bench-spec.json"
+
+
+def bench_spec(kind: str):
+    """The SynthSpec of a bench data set kind ("meld-shaped" or "quick")."""
+    from meld_dali.synth import SynthSpec
+
+    return SynthSpec(**(QUICK if kind == "quick" else MELD_SHAPED))
+
+
+def size_mb(root: Path) -> float:
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2**20
+
+
+def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, progress=None,
+                      say=print) -> tuple[Path, dict]:
+    """Synthesize (once) and prepare, with JPEG frame folders, the bench set of `kind`;
+    a changed spec or short side regenerates it. Returns (root, the dataset record)."""
+    import dataclasses
+    import shutil
+
+    from meld_dali.manifest import prepare
+    from meld_dali.synth import synth
+
+    root = Path(root or DATA_ROOTS[kind])
+    spec = bench_spec(kind)
+    want = {"spec": dataclasses.asdict(spec), "short_side": short_side}
+    marker = root / MARKER
+    have = json.loads(marker.read_text()) if marker.exists() else None
+    if have != want:
+        if root.exists():
+            shutil.rmtree(root)
+        say(f"[bold]bench: synthesizing {spec.clips} {spec.codec} clips "
+            f"({spec.width}x{spec.height}, {kind}) in {root}")
+        synth(root, spec, progress=progress)
+        prepare(root, frames=root / "frames", short_side=short_side, workers=2,
+                progress=progress)
+        marker.write_text(json.dumps(want))
+    mb = size_mb(root)
+    say(f"bench data: {root} ({kind}, {mb:.0f} MB on disk)")
+    return root, {"kind": kind, "root": str(root), **want, "size_mb": mb}
+
+
+def describe_input(manifest, split: str, source: str) -> dict:
+    """What a benchmark read: resolution, codec, mean frames per clip and bitrate (Mbit/s,
+    file bytes over playing time) of a split's loadable clips, for the video files or the
+    JPEG frame folders."""
+    rows = [manifest.clips[i] for i in manifest.ok(split)]
+    frames = [c["num_frames"] for c in rows]
+    seconds = sum(c["num_frames"] / (c.get("fps") or 24) for c in rows)
+    sizes = collections.Counter(f"{c.get('width')}x{c.get('height')}" for c in rows)
+    if source == "frames":
+        paths = [manifest.frames_path(c) for c in rows]
+        nbytes = sum(f.stat().st_size for p in paths if p and p.is_dir() for f in p.iterdir())
+        short = manifest.meta.get("short_side")
+        resolution, codec = f"short side {short}", "jpeg"
+    else:
+        nbytes = sum(manifest.video_path(c).stat().st_size for c in rows
+                     if manifest.video_path(c).exists())
+        resolution = sizes.most_common(1)[0][0] if sizes else "?"
+        codecs = collections.Counter(str(c.get("codec")) for c in rows)
+        codec = codecs.most_common(1)[0][0] if codecs else "?"
+    return {"source": source, "resolution": resolution, "codec": codec, "clips": len(rows),
+            "mean_frames": sum(frames) / max(len(frames), 1),
+            "mbit_per_s": nbytes * 8 / max(seconds, 1e-9) / 1e6}
+
+
+def input_label(d: dict) -> str:
+    """One line for a table caption: '1280x720 h264, 69 frames/clip, 2.1 Mbit/s'."""
+    what = (f"jpeg frames, {d['resolution']}" if d["codec"] == "jpeg"
+            else f"{d['resolution']} {d['codec']}")
+    rate = d["mbit_per_s"]
+    rate_s = f"{rate:.1f}" if rate >= 1 else f"{rate:.2f}"
+    return f"{what}, {d['mean_frames']:.0f} frames/clip, {rate_s} Mbit/s"
+
+
+def compact_table(title: str, caption: str | None = None):
+    """A rich Table that fits 80 columns: no outer edge, one space between columns."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False, padding=(0, 1), collapse_padding=True)

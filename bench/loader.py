@@ -1,19 +1,28 @@
 """`meld-dali bench loader`: clips/s of each backend on the same manifest and settings.
 
 Every backend runs the train graph (the expensive one: random crops, flips, rotations,
-colour) with the same batch size and the same worker/thread count: warm-up batches first,
-then `repeats` timed runs of `batches` batches; medians and spread are reported, with the
-ratio to the torch baseline measured in the same run.
+colour) with the same batch size and the same worker/thread count: warm-up batches first
+(enough to drain what the loader prefetched before timing started), then `repeats` timed
+runs of `batches` batches; medians and spread are reported, with the ratio to the torch
+baseline measured in the same run. Each row names its input (resolution, codec, frames per
+clip, bitrate) and says how many epochs its timed window spans.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from meld_dali.bench.common import ResourceMonitor, environment
+from meld_dali.bench.common import (
+    ResourceMonitor,
+    compact_table,
+    describe_input,
+    environment,
+    input_label,
+)
 
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import LoaderSpec
@@ -27,12 +36,31 @@ def _endless(loader):
         yield from loader
 
 
+def auto_warmup(backend: str, loader_cfg: LoaderConfig) -> int:
+    """Batches to take before timing: everything the loader may have prefetched, plus one.
+    The torch DataLoader holds workers x prefetch_factor batches; DALI's queue holds
+    `prefetch` batches."""
+    if backend == "torch":
+        return max(loader_cfg.workers, 1) * loader_cfg.prefetch + 1 \
+            if loader_cfg.workers > 0 else 1
+    return loader_cfg.prefetch + 1
+
+
+def window(warmup: int, timed: int, per_epoch: int) -> int:
+    """Epoch boundaries inside the timed window (batches warmup .. warmup+timed-1, epochs of
+    `per_epoch` batches): each one restarts the loader's prefetch inside the timing."""
+    if per_epoch <= 0:
+        return 0
+    first = max(1, math.ceil(warmup / per_epoch))  # first boundary at or after the window
+    return max(0, (warmup + timed - 1) // per_epoch - first + 1)
+
+
 def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict:
     it = _endless(loader)
     for _ in range(warmup):
         next(it)
     rates, frames_rates = [], []
-    T = None
+    T, timed = None, 0
     with ResourceMonitor() as mon:
         for _ in range(repeats):
             clips = frames = 0
@@ -40,6 +68,7 @@ def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict
             for _ in range(batches):
                 b = next(it)
                 clips += len(b)
+                timed += len(b)
                 frames += int(b.mask.sum())  # real (decoded) frames, not padding
                 T = b.mask.shape[1]
             if device.type == "cuda":
@@ -51,31 +80,39 @@ def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict
             "clips_per_s_min": min(rates), "clips_per_s_max": max(rates),
             "frames_per_s": statistics.median(frames_rates),
             "sampled_frames_per_s": statistics.median(rates) * (T or 0),
-            "repeats": repeats, "batches": batches, **mon.summary()}
+            "repeats": repeats, "batches": batches, "warmup_batches": warmup,
+            "timed_batches": batches * repeats, "timed_clips": timed, **mon.summary()}
 
 
 def soak(loader, epochs: int) -> dict:
-    """Full epochs through a loader, the process tree's RSS after each: a leak shows as
-    growth after the first epoch (which includes start-up allocations)."""
+    """Full epochs through a loader, the process tree's memory (PSS, and summed RSS) after
+    each: a leak shows as growth after the first epoch (which includes start-up
+    allocations)."""
     mon = ResourceMonitor()
-    rss = []
+    rss, mem = [], []
     for _ in range(epochs):
         for _ in loader:
             pass
         mon._sample()
         rss.append(mon.peak_rss / 2**20)
-        mon.peak_rss = 0
-    return {"rss_mb_per_epoch": rss,
-            "rss_growth_mb": rss[-1] - rss[min(1, len(rss) - 1)] if rss else 0.0}
+        mem.append(mon.peak_mem / 2**20)
+        mon.peak_rss = mon.peak_mem = 0
+    second = min(1, len(rss) - 1)
+    return {"mem_mb_per_epoch": mem, "rss_mb_per_epoch": rss,
+            "mem_growth_mb": mem[-1] - mem[second] if mem else 0.0,
+            "rss_growth_mb": rss[-1] - rss[second] if rss else 0.0}
 
 
 def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                  backends: list[str], sources: list[str], *, batches: int = 10,
-                 repeats: int = 3, warmup: int = 2, batch_size: int = 8, split: str = "train",
-                 device: torch.device | None = None, progress=None,
-                 soak_epochs: int = 0) -> dict:
+                 repeats: int = 3, warmup: int | None = None, batch_size: int = 8,
+                 split: str = "train", device: torch.device | None = None, progress=None,
+                 soak_epochs: int = 0, dataset: dict | None = None) -> dict:
+    """`warmup`: the least number of warm-up batches (None: automatic, see auto_warmup;
+    the larger of the two is used). `dataset`: what the data set is (kind, spec), recorded."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results, unavailable = [], []
+    results, unavailable, warnings, inputs = [], [], [], {}
+    train_clips = len(manifest.ok(split))
     task = progress.add_task("bench loader", total=len(backends) * len(sources)) \
         if progress else None
     for source in sources:
@@ -88,51 +125,88 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                 spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
                                   source=source)
                 loader = build_loader(spec, data, loader_cfg, backend)
-                row = {"backend": backend, "source": source,
-                       **time_loader(loader, batches, repeats, warmup, device)}
+                wu = max(auto_warmup(backend, loader_cfg), warmup or 0)
+                if source not in inputs:
+                    inputs[source] = describe_input(manifest, split, source)
+                per_epoch = len(loader)  # before timing: the position is at an epoch start
+                row = {"backend": backend, "source": source, "input": inputs[source],
+                       **time_loader(loader, batches, repeats, wu, device)}
+                epoch_clips = getattr(loader, "num_clips", train_clips)  # what one pass takes
+                row["batches_per_epoch"], row["epoch_clips"] = per_epoch, epoch_clips
+                row["epochs_in_window"] = row["timed_clips"] / max(epoch_clips, 1)
+                row["epoch_boundaries_in_window"] = window(wu, batches * repeats, per_epoch)
                 if soak_epochs:
                     row["soak"] = soak(loader, soak_epochs)
                 del loader
                 results.append(row)
             if progress:
                 progress.advance(task)
+    crossing = [f"{r['backend']}/{r['source']} {r['epoch_boundaries_in_window']}"
+                for r in results if r["epoch_boundaries_in_window"]]
+    if crossing:
+        warnings.append(
+            f"timed windows cross epoch boundaries ({', '.join(crossing)}; "
+            f"{results[0]['epochs_in_window']:.1f} epochs of {results[0]['epoch_clips']} "
+            f"{split} clips): "
+            "each boundary restarts the loader's prefetch inside the timing"
+            + ("; by design for the MELD-shaped set (see README)"
+               if (dataset or {}).get("kind") == "meld-shaped" else ""))
     for row in results:  # ratios against the torch baseline of the same source
         base = next((r for r in results if r["backend"] == "torch"
                      and r["source"] == row["source"]), None)
         row["vs_torch"] = row["clips_per_s"] / base["clips_per_s"] if base else None
     return {"env": environment(),
+            "dataset": dataset or {"kind": "user", "root": str(manifest.base)},
             "settings": {"batch_size": batch_size, "workers": loader_cfg.workers,
+                         "prefetch": loader_cfg.prefetch,
                          "num_frames": data.num_frames, "crop_size": data.crop_size,
-                         "short_side": data.short_side, "split": split, "clips":
-                         len(manifest.ok(split)), "warmup": warmup, "manifest":
-                         str(manifest.path)},
-            "results": results, "unavailable": unavailable}
+                         "short_side": data.short_side, "split": split, "clips": train_clips,
+                         "warmup_min": warmup, "batches": batches, "repeats": repeats,
+                         "timed_batches": batches * repeats,
+                         "timed_clips": batches * repeats * batch_size,
+                         "manifest": str(manifest.path)},
+            "inputs": inputs, "results": results, "unavailable": unavailable,
+            "warnings": warnings}
 
 
 def render_table(report: dict):
-    from rich.table import Table
-
-    t = Table(title=f"loader throughput ({report['env']['cores']} cores, "
-                    f"GPU: {report['env']['gpu']}; train graph, batch "
-                    f"{report['settings']['batch_size']}, {report['settings']['workers']} "
-                    f"workers/threads, T={report['settings']['num_frames']}, "
-                    f"{report['settings']['crop_size']} px)")
+    s, env = report["settings"], report["env"]
+    kind = report.get("dataset", {}).get("kind", "user")
     soaked = any("soak" in r for r in report["results"])
-    for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch", "CPU util",
-                "peak RSS MB", "GPU mem MB") + (("RSS growth MB",) if soaked else ()):
+    t = compact_table(f"loader throughput, {kind} data ({env['cores']} cores, GPU: "
+                      f"{env['gpu']}; train graph, batch {s['batch_size']}, {s['workers']} "
+                      f"workers/threads, T={s['num_frames']}, {s['crop_size']} px; PSS: peak "
+                      "memory of the process tree, GPU: peak device memory, both MB"
+                      f"{'; PSS+: growth over the soak' if soaked else ''})",
+                      caption(report))
+    for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch", "CPU",
+                "PSS", "GPU") + (("PSS+",) if soaked else ()):
         t.add_column(col, justify="left" if col in ("backend", "source") else "right")
     for r in report["results"]:
         t.add_row(r["backend"], r["source"], f"{r['clips_per_s']:.1f}",
                   f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}",
                   f"{r['frames_per_s']:.0f}",
                   f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-",
-                  f"{r['cpu_util']:.0%}", f"{r['peak_rss_mb']:.0f}",
+                  f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
-                  *((f"{r['soak']['rss_growth_mb']:+.0f}",) if soaked else ()))
+                  *((f"{r['soak']['mem_growth_mb']:+.0f}",) if soaked else ()))
     for u in report["unavailable"]:
         t.add_row(u["backend"], u["source"], f"n/a: {u['reason']}",
                   *["-"] * (len(t.columns) - 3))
     return t
+
+
+def caption(report: dict) -> str:
+    """The inputs each source row was measured on, and the timed window."""
+    lines = [f"{src}: {input_label(d)}" for src, d in report.get("inputs", {}).items()]
+    rows = report["results"]
+    if rows:
+        r = rows[0]
+        wu = sorted({x["warmup_batches"] for x in rows})
+        lines.append(f"timed: {r['timed_batches']} batches ({r['timed_clips']} clips, "
+                     f"{r['epochs_in_window']:.1f} epochs) after "
+                     f"{'/'.join(map(str, wu))} warm-up batches")
+    return "\n".join(lines)
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from meld_dali.bench.common import ResourceMonitor, environment
+from meld_dali.bench.common import (
+    ResourceMonitor,
+    compact_table,
+    describe_input,
+    environment,
+    input_label,
+)
 
 from meld_dali.config import Config
 from meld_dali.data.base import SyntheticLoader
@@ -47,7 +53,8 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int) 
 
 
 def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, steps: int,
-                warmup: int, source: str = "auto", progress=None) -> dict:
+                warmup: int, source: str = "auto", progress=None,
+                dataset: dict | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = copy.deepcopy(cfg)  # this bench's own settings: one optimizer step per batch
     cfg.train.accum_steps = 1
@@ -58,6 +65,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
     cl = flag(cfg.loader.channels_last, device)
     resolved = resolve_source(manifest, "auto") if manifest and source == "auto" else source
     results, unavailable = [], []
+    described = None
     task = progress.add_task("bench train", total=len(backends)) if progress else None
     for backend in backends:
         if backend == "synthetic":
@@ -78,12 +86,18 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
         if why:
             unavailable.append({"backend": backend, "reason": why})
         else:
-            results.append({"backend": backend,
-                            **measure(cfg, loader, device, steps, warmup)})
+            row = {"backend": backend}
+            if backend != "synthetic":
+                described = described or describe_input(manifest, cfg.data.train_split,
+                                                        resolved)
+                row["input"] = described
+            results.append({**row, **measure(cfg, loader, device, steps, warmup)})
         if progress:
             progress.advance(task)
     amp = cfg.train.amp if device.type == "cuda" else "off"
-    return {"env": environment(),
+    if dataset is None and manifest is not None:
+        dataset = {"kind": "user", "root": str(manifest.base)}
+    return {"env": environment(), "dataset": dataset, "input": described,
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
                          "channels_last": cl, "compile": flag(cfg.train.compile, device),
                          "steps": steps, "warmup": warmup, "workers": cfg.loader.workers,
@@ -92,17 +106,20 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
 
 
 def render_table(report: dict):
-    from rich.table import Table
-
     s = report["settings"]
-    t = Table(title=f"trainer throughput (batch {s['batch_size']}, T={s['num_frames']}, "
-                    f"{s['crop_size']} px, amp {s['amp']}, channels_last {s['channels_last']}, "
-                    f"compile {s['compile']}, GPU: {report['env']['gpu']})")
-    for col in ("loader", "clips/s", "data wait", "verdict", "peak RSS MB", "GPU mem MB"):
+    kind = (report.get("dataset") or {}).get("kind")
+    d = report.get("input")
+    t = compact_table(f"trainer throughput{f', {kind} data' if kind else ''} (batch "
+                      f"{s['batch_size']}, T={s['num_frames']}, {s['crop_size']} px, amp "
+                      f"{s['amp']}, channels_last {s['channels_last']}, compile "
+                      f"{s['compile']}, GPU: {report['env']['gpu']}; PSS: peak memory of the "
+                      "process tree, GPU: peak device memory, both MB)",
+                      f"{s['source']}: {input_label(d)}" if d else None)
+    for col in ("loader", "clips/s", "data wait", "verdict", "PSS", "GPU"):
         t.add_column(col, justify="left" if col in ("loader", "verdict") else "right")
     for r in report["results"]:
         t.add_row(r["backend"], f"{r['clips_per_s']:.2f}", f"{r['data_wait_share']:.0%}",
-                  r["verdict"], f"{r['peak_rss_mb']:.0f}",
+                  r["verdict"], f"{r['peak_mem_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
     for u in report["unavailable"]:
         t.add_row(u["backend"], "-", "-", f"n/a: {u['reason']}", "-", "-")

@@ -221,25 +221,23 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
         raise typer.Exit(1)
 
 
-def bench_data(data: Path | None, config) -> object:
-    """The manifest to benchmark on: --data, or a cached synthetic VP9 set with frame folders
-    (VP9 so that DALI's CPU decoder can run it too), sized like MELD's inputs."""
+def bench_data(data: Path | None, config, quick: bool = False) -> tuple[object, dict]:
+    """(manifest, dataset record) to benchmark on: --data, else a synthetic set made once
+    under runs/: MELD-shaped (1280x720 H.264, MELD's clip lengths) or, with --quick, a small
+    fast VP9 one; both with JPEG frame folders (DALI's CPU decoder can't read H.264)."""
+    from meld_dali.bench.common import ensure_bench_data
     from meld_dali.launch import open_manifest
-    from meld_dali.manifest import prepare
-    from meld_dali.synth import SynthSpec
-    from meld_dali.synth import synth as make
 
     if data is not None:
-        return open_manifest(data, console)
-    root = Path("runs") / "bench-data"
-    if not (root / "manifest.json").exists():
-        console.print(f"[bold]bench: synthesizing 64 VP9 clips (352x288) in {root}")
-        with progress() as p:
-            make(root, SynthSpec(clips=64, codec="vp9", width=352, height=288, seed=0),
-                 progress=p)
-            prepare(root, frames=root / "frames", short_side=config.data.short_side,
-                    workers=2, progress=p)
-    return open_manifest(root, console)
+        if quick:
+            raise UserError("--quick picks the built-in small data set; drop --data or --quick")
+        manifest = open_manifest(data, console)
+        return manifest, {"kind": "user", "root": str(data)}
+    kind = "quick" if quick else "meld-shaped"
+    with progress() as p:
+        root, record = ensure_bench_data(kind, config.data.short_side, progress=p,
+                                         say=console.print)
+    return open_manifest(root, console), record
 
 
 def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
@@ -269,7 +267,11 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                  plot: Path = typer.Option(None, help="write a bar chart PNG"),
                  save: bool = typer.Option(False, "--save", help="also write bench/results/"),
                  soak_epochs: int = typer.Option(0, min=0, help="memory soak: full epochs per "
-                                                 "backend, RSS per epoch")):
+                                                 "backend, memory per epoch"),
+                 warmup: int = typer.Option(None, min=0, help="least warm-up batches "
+                                            "(default: what the loader prefetches, plus 1)"),
+                 quick: bool = typer.Option(False, "--quick", help="small fast data set "
+                                            "(smoke tests, CI) instead of MELD-shaped 720p")):
     """Loader throughput per backend on the same manifest."""
     from meld_dali.bench.loader import bench_loader as run
     from meld_dali.bench.loader import plot as draw
@@ -277,12 +279,14 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
     from meld_dali.config import load_config
 
     cfg = load_config(config or "seed", [*set_, f"loader.workers={workers}"])
-    manifest = bench_data(data, cfg)
+    manifest, dataset = bench_data(data, cfg, quick)
     with progress() as p:
         report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
                      batches=batches, repeats=repeats, batch_size=batch_size, progress=p,
-                     soak_epochs=soak_epochs)
+                     soak_epochs=soak_epochs, warmup=warmup, dataset=dataset)
     out.print(render_table(report))
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     save_report(report, "loader", "uint8-fp32", json_out, save)
     if plot:
         draw(report, plot)
@@ -300,17 +304,20 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
                 set_: list[str] = typer.Option([], "--set", help="override: section.key=v, "
                                                "e.g. train.amp=bf16 train.compile=false"),
                 json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
-                save: bool = typer.Option(False, "--save", help="also write bench/results/")):
+                save: bool = typer.Option(False, "--save", help="also write bench/results/"),
+                quick: bool = typer.Option(False, "--quick", help="small fast data set "
+                                           "(smoke tests, CI) instead of MELD-shaped 720p")):
     """Trainer step throughput and data-wait share per loader."""
     from meld_dali.bench.train import bench_train as run
     from meld_dali.bench.train import render_table
     from meld_dali.config import load_config
 
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])
-    manifest = bench_data(data, cfg) if set(_split(backends)) - {"synthetic"} else None
+    manifest, dataset = (bench_data(data, cfg, quick) if set(_split(backends)) - {"synthetic"}
+                         else (None, None))
     with progress() as p:
         report = run(cfg, manifest, _split(backends), steps=steps, warmup=warmup,
-                     source=source, progress=p)
+                     source=source, progress=p, dataset=dataset)
     out.print(render_table(report))
     save_report(report, "train", report["settings"]["amp"], json_out, save)
 
