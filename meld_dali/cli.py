@@ -113,6 +113,12 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
                   f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
+    from meld_dali.launch import dist_from_env
+    from meld_dali.report import run_summary
+
+    if dist_from_env().main:
+        for part in run_summary(result["history"], result["run_dir"]):
+            console.print(part, highlight=False)
 
 
 def demo_data(root: Path) -> Path:
@@ -148,8 +154,11 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose dev or test (or train)")
     mv = parse_views(views) if views else None
+    from meld_dali.progress import PassProgress
+
     loaded = load_for_inference(checkpoint, device)
-    result = run(loaded, data, split, backend.value, mv)
+    bar = PassProgress(console, loaded.cfg.tracking.progress_every)
+    result = run(loaded, data, split, backend.value, mv, progress=bar)
     out.print(evaluation_table(result))
     if json_out:
         write_json(result, json_out)
@@ -183,9 +192,11 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
 
     from meld_dali.config import EMOTIONS
     from meld_dali.inference import load_for_inference, predict_file
+    from meld_dali.progress import PassProgress, iterate
 
     loaded = load_for_inference(checkpoint, device)
-    results = [predict_file(loaded, v) for v in videos]
+    bar = PassProgress(console, loaded.cfg.tracking.progress_every) if len(videos) > 1 else None
+    results = [predict_file(loaded, v) for v in iterate(videos, bar, "predict")]
     if as_json:
         print(json.dumps(results, indent=1))
     else:
