@@ -35,7 +35,7 @@ def print_report(report: dict, console: Console) -> None:
 def class_table(report: dict) -> Table:
     """Usable clips, one row per class and one column per split (fits 80 columns)."""
     splits = report["splits"]
-    t = Table(title="usable clips (status ok), per class and split")
+    t = Table(title="usable clips (status ok)")
     t.add_column("class")
     for split in splits:
         t.add_column(split, justify="right")
@@ -49,7 +49,7 @@ def class_table(report: dict) -> Table:
 def status_table(report: dict) -> Table:
     """Clips per status (and short clips), one column per split."""
     splits = report["splits"]
-    t = Table(title="clips per status and split (short: fewer than 32 frames, padded)")
+    t = Table(title="clips per status", caption="short: < 32 frames (padded)")
     t.add_column("status")
     for split in splits:
         t.add_column(split, justify="right")
