@@ -33,9 +33,9 @@ def figures_text(done: int, total: int, elapsed: float, steps: int, items: int,
     rate = items / elapsed if elapsed > 0 else 0.0
     parts = [f"{rate:.1f} {unit}/s"]
     if loss is not None:
-        parts.append(f"loss {loss:.4f}")
+        parts.append(f"loss {loss:.3f}")
     if lr is not None:
-        parts.append(f"lr {lr:.2e}")
+        parts.append(f"lr {lr:.1e}")
     if wait is not None:
         parts.append(f"wait {wait:.0%}")
     eta = (total - done) * elapsed / steps if steps > 0 else float("nan")
@@ -69,9 +69,11 @@ class PassProgress:
         self.label, self.total, self.unit = label, max(int(total), 0), unit
         self.t0, self.done0, self.items0 = time.perf_counter(), done, items
         if self.console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20),
+            width = max(3, min(20, self.console.width - 77))  # the figures fit 80 columns
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=width),
                                 MofNCompleteColumn(), TextColumn("{task.fields[figures]}"),
-                                console=self.console, transient=True)
+                                console=self.console, transient=True,
+                                redirect_stdout=False)  # stdout may carry results (JSON)
             self.task = self.bar.add_task(label, total=self.total or None, completed=done,
                                           figures="")
             self.bar.start()

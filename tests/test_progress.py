@@ -46,7 +46,7 @@ def test_plain_progress_lines_every_n_with_the_figures():
     train = [ln for ln in lines if ln.startswith("epoch 3 ") and "dev" not in ln]
     assert [ln.split()[2] for ln in train] == ["2/5", "4/5", "5/5"]  # every 2, and the last
     for ln in train:
-        assert "clips/s" in ln and "loss 1.2500" in ln and "lr 2.50e-04" in ln
+        assert "clips/s" in ln and "loss 1.250" in ln and "lr 2.5e-04" in ln
         assert "wait 25%" in ln and "eta " in ln
     dev = [ln for ln in lines if ln.startswith("epoch 3 dev")]
     assert [ln.split()[3] for ln in dev] == ["2/3", "3/3"] and "clips/s" in dev[0]
