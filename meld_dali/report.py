@@ -125,7 +125,7 @@ def run_summary(history: list[dict], run_dir: str | Path) -> list:
     groups: dict[tuple, list[dict]] = {}
     for r in history:
         groups.setdefault(tuple(r.get("stages", [])), []).append(r)
-    w = Table(title="data wait per trainable set (share of train time)")
+    w = Table(title="data wait per trainable set", caption="share of train time")
     for col in ("trainable", "epochs", "wait"):
         w.add_column(col, justify="left" if col == "trainable" else "right")
     for stages, rows in groups.items():
