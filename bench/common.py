@@ -203,8 +203,10 @@ def size_mb(root: Path) -> float:
 
 def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, progress=None,
                       say=print) -> tuple[Path, dict]:
-    """Synthesize (once) and prepare, with JPEG frame folders, the bench set of `kind`;
-    a changed spec or short side regenerates it. Returns (root, the dataset record)."""
+    """Synthesize (once) and prepare, with JPEG frame folders and a clip cache, the bench
+    set of `kind`; a changed spec, short side or cache codec regenerates it. The cache is
+    H.264 where a GPU can decode it (NVDEC), MJPEG elsewhere (DALI's CPU decoder reads it).
+    Returns (root, the dataset record)."""
     import dataclasses
     import shutil
 
@@ -213,7 +215,9 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
 
     root = Path(root or DATA_ROOTS[kind])
     spec = bench_spec(kind)
-    want = {"spec": dataclasses.asdict(spec), "short_side": short_side}
+    cache_codec = "h264" if torch.cuda.is_available() else "mjpeg"
+    want = {"spec": dataclasses.asdict(spec), "short_side": short_side,
+            "cache_codec": cache_codec}
     marker = root / MARKER
     have = json.loads(marker.read_text()) if marker.exists() else None
     if have != want:
@@ -223,7 +227,7 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
             f"({spec.width}x{spec.height}, {kind}) in {root}")
         synth(root, spec, progress=progress)
         prepare(root, frames=root / "frames", short_side=short_side, workers=2,
-                progress=progress)
+                progress=progress, cache=root / "cache", cache_codec=cache_codec)
         marker.write_text(json.dumps(want))
     mb = size_mb(root)
     say(f"bench data: {root} ({kind}, {mb:.0f} MB on disk)")
@@ -232,22 +236,26 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
 
 def describe_input(manifest, split: str, source: str) -> dict:
     """What a benchmark read: resolution, codec, mean frames per clip and bitrate (Mbit/s,
-    file bytes over playing time) of a split's loadable clips, for the video files or the
-    JPEG frame folders."""
+    file bytes over playing time) of a split's loadable clips, for the video files, the
+    JPEG frame folders or the clip cache."""
+    from meld_dali.data.decode import clip_source_path
+
     rows = [manifest.clips[i] for i in manifest.ok(split)]
-    frames = [c["num_frames"] for c in rows]
-    seconds = sum(c["num_frames"] / (c.get("fps") or 24) for c in rows)
-    sizes = collections.Counter(f"{c.get('width')}x{c.get('height')}" for c in rows)
+    frames = [c.num_frames for c in rows]
+    seconds = sum(c.num_frames / (c.fps or 24) for c in rows)
+    sizes = collections.Counter(f"{c.width}x{c.height}" for c in rows)
+    paths = [clip_source_path(manifest, c, source) for c in rows]
     if source == "frames":
-        paths = [manifest.frames_path(c) for c in rows]
         nbytes = sum(f.stat().st_size for p in paths if p and p.is_dir() for f in p.iterdir())
-        short = manifest.meta.get("short_side")
-        resolution, codec = f"short side {short}", "jpeg"
+        resolution, codec = f"short side {manifest.meta.get('short_side')}", "jpeg"
     else:
-        nbytes = sum(manifest.video_path(c).stat().st_size for c in rows
-                     if manifest.video_path(c).exists())
-        resolution = sizes.most_common(1)[0][0] if sizes else "?"
-        codecs = collections.Counter(str(c.get("codec")) for c in rows)
+        nbytes = sum(p.stat().st_size for p in paths if p and p.is_file())
+        if source == "cache":
+            resolution = f"short side {manifest.cache_short_side}"
+            codecs = collections.Counter([manifest.meta["cache"]["codec"]])
+        else:
+            resolution = sizes.most_common(1)[0][0] if sizes else "?"
+            codecs = collections.Counter(str(c.codec) for c in rows)
         codec = codecs.most_common(1)[0][0] if codecs else "?"
     return {"source": source, "resolution": resolution, "codec": codec, "clips": len(rows),
             "mean_frames": sum(frames) / max(len(frames), 1),

@@ -126,6 +126,12 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
                   f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
+    from meld_dali.launch import dist_from_env
+    from meld_dali.report import run_summary
+
+    if dist_from_env().main:
+        for part in run_summary(result["history"], result["run_dir"]):
+            console.print(part, highlight=False)
 
 
 def demo_data(root: Path) -> Path:
@@ -161,8 +167,11 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose dev or test (or train)")
     mv = parse_views(views) if views else None
+    from meld_dali.progress import PassProgress
+
     loaded = load_for_inference(checkpoint, device)
-    result = run(loaded, data, split, backend.value, mv)
+    bar = PassProgress(console, loaded.cfg.tracking.progress_every)
+    result = run(loaded, data, split, backend.value, mv, progress=bar)
     out.print(evaluation_table(result))
     if json_out:
         write_json(result, json_out)
@@ -196,9 +205,11 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
 
     from meld_dali.config import EMOTIONS
     from meld_dali.inference import load_for_inference, predict_file
+    from meld_dali.progress import PassProgress, iterate
 
     loaded = load_for_inference(checkpoint, device)
-    results = [predict_file(loaded, v) for v in videos]
+    bar = PassProgress(console, loaded.cfg.tracking.progress_every) if len(videos) > 1 else None
+    results = [predict_file(loaded, v) for v in iterate(videos, bar, "predict")]
     if as_json:
         print(json.dumps(results, indent=1))
     else:
@@ -224,7 +235,7 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
 def bench_data(data: Path | None, config, quick: bool = False) -> tuple[object, dict]:
     """(manifest, dataset record) to benchmark on: --data, else a synthetic set made once
     under runs/: MELD-shaped (1280x720 H.264, MELD's clip lengths) or, with --quick, a small
-    fast VP9 one; both with JPEG frame folders (DALI's CPU decoder can't read H.264)."""
+    fast VP9 one; both with JPEG frame folders and a clip cache."""
     from meld_dali.bench.common import ensure_bench_data
     from meld_dali.launch import open_manifest
 
@@ -256,7 +267,8 @@ def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
 @bench_app.command("loader")
 def bench_loader(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                  backends: str = typer.Option("dali-gpu,dali-cpu,torch", help="comma list"),
-                 sources: str = typer.Option("video,frames", help="video and/or frames"),
+                 sources: str = typer.Option("video,frames,cache",
+                                             help="any of video, frames, cache"),
                  batches: int = typer.Option(10, min=1, help="timed batches per repeat"),
                  repeats: int = typer.Option(3, min=1, help="timed repeats (median reported)"),
                  batch_size: int = typer.Option(8, min=1, help="clips per batch"),

@@ -24,18 +24,23 @@ class Dist:
 
 
 @torch.no_grad()
-def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist: Dist):
+def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist: Dist,
+                   on_batch=None):
     """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once,
-    gathered over ranks."""
+    gathered over ranks. `on_batch(batches_done, clips_done)`, if given, follows progress."""
     net.eval()
     labels, probs, rows = [], [], []
-    for batch in loader:
+    clips = 0
+    for done, batch in enumerate(loader, 1):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             logits = net(batch.video, batch.mask)
         probs.append(logits.float().softmax(-1).cpu())
         labels.append(batch.label.cpu())
         rows.append(batch.index.cpu())
+        clips += len(batch)
+        if on_batch is not None:
+            on_batch(done, clips)
     if labels:
         labels, probs, rows = torch.cat(labels), torch.cat(probs), torch.cat(rows)
     else:

@@ -21,6 +21,7 @@ from meld_dali.manifest import Manifest
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.probe import probe
+from meld_dali.progress import PassProgress, iterate
 from meld_dali.sampling import sample_indices
 from meld_dali.transforms import EVAL_PARAMS, AugParams
 
@@ -50,9 +51,10 @@ def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
 
 
 def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str = "auto",
-             views: tuple[int, int] | None = None) -> dict:
+             views: tuple[int, int] | None = None, progress: PassProgress | None = None) -> dict:
     """Metrics of a split. `views=(temporal, spatial)` adds PySlowFast-style multi-view
-    testing (softmax averaged over views per clip), reported beside the single view."""
+    testing (softmax averaged over views per clip), reported beside the single view.
+    `progress` (optional) shows the passes over the split."""
     cfg = loaded.cfg
     root = data or cfg.data.root
     if not root:
@@ -63,11 +65,20 @@ def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str =
     spec = LoaderSpec(manifest, split, False, cfg.train.batch_size, cfg.train.seed,
                       device=loaded.device, source=source)
     loader = build_loader(spec, cfg.data, cfg.loader, backend)
-    labels, probs, rows = predict_loader(loaded.model, loader, loaded.device, None, Dist())
+    on_batch = None
+    if progress is not None:
+        progress.start(split, len(loader))
+        on_batch = progress.update
+    try:
+        labels, probs, rows = predict_loader(loaded.model, loader, loaded.device, None, Dist(),
+                                             on_batch)
+    finally:
+        if progress is not None:
+            progress.stop()
     result = {"split": split, "backend": backend, "checkpoint_epoch": loaded.ckpt["epoch"],
               **classification_metrics(labels, probs.argmax(1))}
     if views:
-        mv = multi_view_probs(loaded, manifest, rows.tolist(), source, *views)
+        mv = multi_view_probs(loaded, manifest, rows.tolist(), source, *views, progress)
         result["multi_view"] = {"views": {"temporal": views[0], "spatial": views[1]},
                                 **classification_metrics(labels, mv.argmax(1))}
     return result
@@ -81,9 +92,10 @@ def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
 
 @torch.no_grad()
 def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], source: str,
-                     temporal: int, spatial: int) -> np.ndarray:
+                     temporal: int, spatial: int,
+                     progress: PassProgress | None = None) -> np.ndarray:
     cfg, out = loaded.cfg.data, []
-    for row in rows:
+    for row in iterate(rows, progress, f"multi-view {temporal}x{spatial}", unit="clips"):
         clip = manifest.clips[row]
         views = []
         for t in range(temporal):

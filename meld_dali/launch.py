@@ -136,7 +136,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
             result = trainer.train()
     finally:
         trainer.reporter.finish()
-    result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend)
+    result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend,
+                  history=list(trainer.history))
     if trainer.dist.main and not result["interrupted"] and cfg.hub.push == "end":
         result["hub_pushed"] = hub.push(cfg.hub, Path(run_dir))
     return result
@@ -195,7 +196,8 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         make_net=net_factory(cfg, device, dist), dist=dist,
         saver=ckpt_io.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_last, on_best,
                                       enabled=dist.main),
-        reporter=EpochReporter(run_dir, tracker, console, enabled=dist.main),
+        reporter=EpochReporter(run_dir, tracker, console, enabled=dist.main,
+                               progress_every=cfg.tracking.progress_every),
         clip_ids=[c.clip_id for c in manifest.clips])
     if state is not None:
         trainer.load_state_dict(state)

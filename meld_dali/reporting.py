@@ -1,5 +1,7 @@
-"""What a finished epoch leaves behind: a `metrics.jsonl` row, a confusion-matrix PNG, the
-tracker's epoch log and one console line. Only the main rank reports."""
+"""What training shows and leaves behind: live progress of each epoch and evaluation pass,
+and per finished epoch a `metrics.jsonl` row, a confusion-matrix PNG, the learning curves
+(`curves.png`, rewritten each epoch), the tracker's epoch log and one console line. Only the
+main rank reports."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import logging
 import os
 from pathlib import Path
 
+from meld_dali.curves import plot_curves
 from meld_dali.metrics import plot_confusion
+from meld_dali.progress import PassProgress
 from meld_dali.tracking import NullTracker
 
 log = logging.getLogger("meld_dali.trainer")
@@ -16,10 +20,33 @@ log = logging.getLogger("meld_dali.trainer")
 
 class EpochReporter:
     def __init__(self, run_dir: str | Path | None = None, tracker=None, console=None,
-                 enabled: bool = True):
+                 enabled: bool = True, progress_every: int = 50):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tracker = tracker or NullTracker()
         self.console, self.enabled = console, enabled
+        self.bar = PassProgress(console, progress_every, enabled)
+
+    # ------------------------------------------------------------------ live progress
+
+    def epoch_start(self, epoch: int, total: int, done: int = 0, clips: int = 0) -> None:
+        """A training epoch of `total` micro-batches begins (at `done` when resumed)."""
+        self.bar.start(f"epoch {epoch}", total, done, clips)
+
+    def progress(self, done: int, stats, lr: float) -> None:
+        """One micro-batch done; `stats` is the epoch's running EpochStats."""
+        if self.bar.enabled:
+            busy = stats.data_wait + stats.step_time
+            self.bar.update(done, stats.clips, loss=stats.loss_sum / max(stats.clips, 1),
+                            lr=lr, wait=stats.data_wait / busy if busy > 0 else 0.0)
+
+    def eval_start(self, label: str, total: int):
+        """An evaluation pass of `total` batches begins: the per-batch callback for
+        `evaluation.predict_loader` (None when this rank does not report)."""
+        self.bar.start(label, total, 0, 0)
+        return self.bar.update if self.bar.enabled else None
+
+    def pass_end(self) -> None:
+        self.bar.stop()
 
     def say(self, msg: str) -> None:
         if self.enabled:
@@ -31,6 +58,7 @@ class EpochReporter:
 
     def epoch_end(self, row: dict, metrics: dict, predictions: list[dict],
                   improved: bool) -> None:
+        self.pass_end()
         if not self.enabled:
             return
         epoch = row["epoch"]
@@ -41,10 +69,32 @@ class EpochReporter:
             png = self.run_dir / f"confusion_epoch{epoch:03d}.png"
             plot_confusion(metrics["confusion"], png, f"dev, epoch {epoch}")
         self.tracker.log_epoch(metrics, row["step"], predictions, str(png) if png else None)
+        curves = self.write_curves()
+        if curves is not None:
+            self.tracker.log_image("curves", str(curves), row["step"])
         self.say(f"epoch {epoch}: loss {row['train_loss']:.4f}  acc {metrics['accuracy']:.3f}  "
                  f"macro-F1 {metrics['macro_f1']:.3f}  weighted-F1 {metrics['weighted_f1']:.3f}"
                  f"  (all-neutral {metrics['baseline_weighted_f1']:.3f})  data-wait "
                  f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}")
+
+    def history(self) -> list[dict]:
+        """The rows of metrics.jsonl (resumed epochs included)."""
+        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        if not (path and path.exists()):
+            return []
+        return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
+
+    def write_curves(self) -> Path | None:
+        """curves.png from the history rows; a plotting failure never stops training."""
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / "curves.png"
+        try:
+            plot_curves(self.history(), path)
+        except Exception as e:  # noqa: BLE001 - a picture is not worth a lost run
+            log.warning("could not draw %s: %s", path, e)
+            return None
+        return path
 
     def rewind(self, epochs_done: int) -> None:
         """Resuming from a checkpoint of `epochs_done` epochs (maybe `last.prev.pt`, older
@@ -60,4 +110,5 @@ class EpochReporter:
             os.replace(tmp, path)
 
     def finish(self) -> None:
+        self.pass_end()
         self.tracker.finish()

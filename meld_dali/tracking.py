@@ -20,6 +20,8 @@ class NullTracker:
     def log_epoch(self, metrics: dict, step: int, predictions: list[dict] | None = None,
                   confusion_png: str | None = None) -> None: ...
 
+    def log_image(self, key: str, path: str, step: int) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -68,6 +70,10 @@ class WandbTracker(NullTracker):
                 table.add_data(p["clip_id"], p["true"], p["predicted"], p["confidence"])
             flat["dev/predictions"] = table
         self._safe(self.run.log, flat, step=step)
+
+    def log_image(self, key: str, path: str, step: int) -> None:
+        if self.run is not None:
+            self._safe(lambda: self.run.log({key: self.wandb.Image(path)}, step=step))
 
     def finish(self) -> None:
         self._safe(self.run.finish)

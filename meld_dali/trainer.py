@@ -175,6 +175,7 @@ class Trainer:
         loader.set_epoch(self.epoch)
         i = self.micro  # > 0 when resumed mid-epoch (skipped clips never shift it)
         pending = False  # gradients accumulated but not yet applied
+        self.reporter.epoch_start(self.epoch, total, i, self.stats.clips)
         tick = time.perf_counter()
         for batch in loader:
             now = time.perf_counter()
@@ -192,6 +193,7 @@ class Trainer:
             self.stats.clips += len(batch)
             tick = time.perf_counter()
             self.stats.step_time += tick - now
+            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             if last_in_group:
                 if self.stop_requested:
                     return self.pause()
@@ -202,6 +204,7 @@ class Trainer:
                     break
         if pending:  # skipped clips left a group short: apply what was accumulated
             self.optimizer_step()
+        self.reporter.pass_end()
         self.epoch, self.micro = self.epoch + 1, 0
 
     def forward_backward(self, batch, scale: float) -> float:
@@ -249,8 +252,11 @@ class Trainer:
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         share_rank0_buffers(self.model, self.dist)
+        on_batch = self.reporter.eval_start(f"epoch {self.epoch - 1} {self.cfg.data.eval_split}",
+                                            len(self.eval_loader))
         labels, probs, rows = predict_loader(self.eval_net, self.eval_loader, self.device,
-                                             self.amp_dtype, self.dist)
+                                             self.amp_dtype, self.dist, on_batch)
+        self.reporter.pass_end()
         return score(labels, probs, rows, self.clip_ids)
 
     # ------------------------------------------------------------------ bookkeeping

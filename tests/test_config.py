@@ -120,7 +120,8 @@ BAD_VALUES = [
     ("train.compile", "maybe"), ("train.device", "gpu"), ("train.seed", "-1"),
     ("train.freeze_backbone", "3"), ("train.keep_last", "-1"),
     # tracking, hub
-    ("tracking.log_every", "0"), ("tracking.mode", "cloud"), ("tracking.wandb", "3"),
+    ("tracking.log_every", "0"), ("tracking.progress_every", "0"), ("tracking.mode", "cloud"),
+    ("tracking.wandb", "3"),
     ("tracking.sample_predictions", "-1"), ("hub.retries", "-1"), ("hub.push", "always"),
     ("hub.repo_id", "a b"),
     # unknown names

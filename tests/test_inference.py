@@ -90,6 +90,7 @@ def test_predict_cli_reports_bad_files_and_predicts_the_rest(run, tmp_path):
     assert [o["path"] for o in out] == [str(good), str(bad), str(tmp_path / "absent.mp4")]
     assert "probabilities" in out[0] and "error" in out[1] and "error" in out[2]
     assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert "predict 3/3" in r.stderr  # progress goes to stderr; stdout stays JSON
 
 
 def test_evaluate_cli_json(run, synth_root, tmp_path):
@@ -101,4 +102,5 @@ def test_evaluate_cli_json(run, synth_root, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["split"] == "test" and result["n"] > 0
+    assert "clips/s" in r.stderr and "weighted F1" in r.stdout  # progress, then the table
     assert (tmp_path / "c.png").exists()

@@ -33,7 +33,7 @@ def test_wandb_offline_run_holds_the_metrics(trained_run):
     assert len(runs) == 1
     data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
     for key in (b"train/loss_avg", b"train/lr", b"train/grad_norm", b"dev/weighted_f1",
-                b"dev/confusion", b"dev/predictions"):
+                b"dev/confusion", b"dev/predictions", b"curves"):
         assert key in data, key
     assert b"focal_gamma" in data  # the config went in too
 

@@ -240,6 +240,7 @@ class TrackingConfig(BaseModel):
     entity: Str = ""
     mode: TrackingMode = "auto"  # auto (offline without an API key) | offline | online
     log_every: Count = 1  # optimizer steps between per-step logs
+    progress_every: Count = 50  # micro-batches between progress lines when not a terminal
     sample_predictions: NonNeg = 32  # rows in the sample-prediction table
 
 
