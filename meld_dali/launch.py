@@ -191,7 +191,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     """Everything a run needs, restored from a checkpoint when resuming."""
     run_dir = Path(run_dir)
     dist = dist or dist_from_env()
-    state = load_resume_state(cfg, run_dir, resume, console)
+    state = load_resume_state(cfg, run_dir, resume, console if dist.main else None)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
 
