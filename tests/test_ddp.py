@@ -65,7 +65,8 @@ def test_two_process_gloo_run_and_resume(synth_root, tmp_path):
 
 
 SMALL = ["data.num_frames=4", "train.batch_size=2", "loader.workers=0", "model.hidden=[32, 16]",
-         "loader.backend=torch", "train.checkpoint_every_steps=1", "tracking.wandb=false"]
+         "loader.backend=torch", "train.checkpoint_every_steps=1", "tracking.wandb=false",
+         "train.accum_steps=3"]
 
 
 def torchrun_popen(run, root, log, extra=()):
@@ -107,7 +108,8 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
        optimizer step, one checkpoint holds both ranks' positions, exit 0;
     2. resuming that mid-epoch checkpoint on 1 process is refused in one line;
     3. with both clips of rank 1's last batch corrupted, the resumed 2-process run ends
-       the epoch on both ranks where rank 1 runs out (no hang) and reports the clips;
+       the epoch on both ranks where rank 1 runs out (no hang), applies the group cut short
+       with gradients averaged over ranks (the ranks' weights stay equal), reports the clips;
     4. that epoch-boundary checkpoint resumes on 1 process with a warning."""
     root = tmp_path / "raw"
     shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns(
@@ -131,7 +133,7 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert {p.name for p in (run / "checkpoints").iterdir()} <= {"last.pt", "last.prev.pt"}
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     micro = saved["micro_step"]
-    assert saved["world_size"] == 2 and saved["epoch"] == 0 and saved["step"] == micro > 0
+    assert saved["world_size"] == 2 and saved["epoch"] == 0 and 3 * saved["step"] == micro > 0
     # both ranks stopped after the same step: each took exactly `micro` batches of 2
     assert [x["consumed"] for x in saved["loaders"]] == [2 * micro, 2 * micro]
     assert not (run / "metrics.jsonl").exists()  # stopped mid-epoch: nothing evaluated
@@ -159,8 +161,14 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert saved["step"] == n_batches - 1 and saved["epoch"] == 1 and saved["micro_step"] == 0
+    steps = -(-(n_batches - 1) // 3)  # the last group of 3 cut to 2 micro-batches
+    assert saved["step"] == steps and saved["epoch"] == 1 and saved["micro_step"] == 0
     assert [x["epoch"] for x in saved["loaders"]] == [1, 1]
+    # each rank scored its dev shard with its own weights: equal to rank 0's if in sync
+    single = evaluate(load_for_inference(run / "checkpoints" / "last.pt", "cpu"), root, "dev",
+                      backend="torch")
+    for key in ("accuracy", "macro_f1", "weighted_f1", "confusion"):
+        assert single[key] == rows[0][key], key
 
     # 4. at an epoch boundary another world size restarts the epoch's order, with a warning
     cfg = load_config("demo", [*SMALL, "train.epochs=2", "train.max_steps_per_epoch=1",
@@ -170,7 +178,7 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert "warning: checkpoint was written by 2 processes, this run has 1" in caplog.text
     assert result["epochs"] == 2 and not result["interrupted"]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert saved["world_size"] == 1 and saved["step"] == n_batches
+    assert saved["world_size"] == 1 and saved["step"] == steps + 1
     assert saved["loaders"] == [{"epoch": 2, "consumed": 0, "seed": cfg.train.seed}]
 
 
