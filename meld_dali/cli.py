@@ -6,6 +6,7 @@ Only argument parsing and printing live here; the work is in the modules it call
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime
 from enum import Enum
@@ -122,7 +123,7 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
         cfg.data.root = str(demo_data(Path("runs") / "demo-data"))
     run_dir = out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     result = run_training(cfg, run_dir, resume=resume, console=console)
-    if result["interrupted"]:
+    if result["interrupted"] or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
                   f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
@@ -135,11 +136,14 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
 
 
 def demo_data(root: Path) -> Path:
-    """Synthesize (once) and prepare the demo dataset."""
-    from meld_dali.launch import open_manifest
+    """Synthesize (once) and prepare the demo dataset (under torchrun: rank 0 only)."""
+    from meld_dali.launch import dist_from_env, open_manifest, wait_for_manifest
     from meld_dali.synth import SynthSpec
     from meld_dali.synth import synth as make
 
+    if not dist_from_env().main:  # the other ranks wait for rank 0's data
+        wait_for_manifest(root)
+        return root
     if not (root / "synth.json").exists():
         console.print(f"[bold]demo: synthesizing a small MELD-shaped dataset in {root}")
         with progress() as p:

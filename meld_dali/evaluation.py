@@ -64,6 +64,40 @@ def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: 
     return labels.numpy(), probs.numpy(), rows.numpy()
 
 
+def agree(flag: bool, dist: Dist, device: torch.device, any_rank: bool = False) -> bool:
+    """One flag agreed over ranks: every rank's (MIN) or, with any_rank, any rank's (MAX).
+    A collective: every rank calls it at the same point. One process: the flag itself."""
+    if dist.world == 1:
+        return flag
+    import torch.distributed as tdist
+
+    t = torch.tensor([int(flag)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX if any_rank else tdist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_objects(obj, dist: Dist) -> list:
+    """Every rank's `obj`, in rank order (a collective; one process: [obj])."""
+    if dist.world == 1:
+        return [obj]
+    import torch.distributed as tdist
+
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, obj)
+    return parts
+
+
+def average_grads(model: nn.Module, dist: Dist) -> None:
+    """Average gradients over ranks by hand (what DDP's backward does for a synced step)."""
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        for p in model.parameters():
+            if p.grad is not None:
+                tdist.all_reduce(p.grad)
+                p.grad.div_(dist.world)
+
+
 def share_rank0_buffers(model: nn.Module, dist: Dist) -> None:
     """BatchNorm running statistics drift apart per rank (DDP runs with
     broadcast_buffers=False): evaluate every shard with rank 0's, the checkpoint's."""

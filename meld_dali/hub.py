@@ -8,7 +8,9 @@ import copy
 import json
 import logging
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -142,3 +144,41 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
                 log.warning("hub: push failed (%s); retrying in %ds", e, wait)
                 sleep(wait)
     return False
+
+
+class BackgroundPush:
+    """`push()` off the training thread, for hub.push=best (rank 0 only).
+
+    Under DDP the other ranks wait in the next collective while rank 0 trains on; a push
+    with retries and backoff inside `end_epoch` would keep them there up to the process
+    group's timeout. Here the push runs in one worker thread, outside any collective. It
+    reads best.pt when it starts; best.pt is only ever replaced by an atomic rename, so it
+    reads one complete checkpoint even if a newer best lands meanwhile. A new best that
+    arrives while a push is queued (not started) needs no second push: the queued one
+    will read it. `join()` (end of the run) waits for the pushes still running."""
+
+    def __init__(self, push_fn):
+        self.push_fn = push_fn
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self.lock = threading.Lock()
+        self.queued = False
+        self.results: list[bool] = []
+
+    def __call__(self) -> None:
+        with self.lock:
+            if self.queued:
+                return
+            self.queued = True
+        self.pool.submit(self._run)
+
+    def _run(self) -> None:
+        with self.lock:
+            self.queued = False  # from here, a newer best queues its own push
+        try:
+            self.results.append(bool(self.push_fn()))
+        except Exception as e:  # noqa: BLE001 - a failed push never stops training
+            log.warning("hub: push failed (%s); the local run folder is untouched", e)
+            self.results.append(False)
+
+    def join(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -52,9 +52,13 @@ def video_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float16 if cfg.train.amp == "fp16" else torch.bfloat16
 
 
-def open_manifest(root: str | Path, console=None, workers: int = 2) -> Manifest:
-    """The manifest of a dataset root (or file); prepares a raw MELD root on first use."""
+def open_manifest(root: str | Path, console=None, workers: int = 2,
+                  dist: Dist | None = None) -> Manifest:
+    """The manifest of a dataset root (or file); prepares a raw MELD root on first use.
+    Several ranks: rank 0 prepares, the others wait for its manifest (see wait_for_manifest)."""
     p = Path(root)
+    if dist is not None and not dist.main:
+        return wait_for_manifest(p)
     if p.is_file() or (p / MANIFEST_NAME).exists():
         return Manifest.load(p)
     if not p.exists():
@@ -63,6 +67,21 @@ def open_manifest(root: str | Path, console=None, workers: int = 2) -> Manifest:
         console.print(f"[bold]no manifest in {p}: running `meld-dali prepare {p}` first")
     manifest, _ = prepare(p, workers=workers)
     return manifest
+
+
+def wait_for_manifest(p: Path, poll_s: float = 1.0) -> Manifest:
+    """A rank other than 0: rank 0's manifest once it is on disk (written atomically).
+
+    Polling the file, not a barrier: preparing all of MELD can outlast a process group's
+    timeout, and if rank 0 fails, torchrun stops this rank. Needs the data root on a file
+    system every rank sees (one node, or a shared one)."""
+    announced = False
+    while not (p.is_file() or (p / MANIFEST_NAME).exists()):
+        if not announced:
+            log.info("waiting for rank 0 to prepare %s", p)
+            announced = True
+        time.sleep(poll_s)
+    return Manifest.load(p)
 
 
 def dist_from_env() -> Dist:
@@ -136,6 +155,8 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
             result = trainer.train()
     finally:
         trainer.reporter.finish()
+        if trainer.saver and isinstance(trainer.saver.on_best, hub.BackgroundPush):
+            trainer.saver.on_best.join()  # a best-model push still uploading finishes first
     result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend,
                   history=list(trainer.history))
     if trainer.dist.main and not result["interrupted"] and cfg.hub.push == "end":
@@ -171,13 +192,13 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     """Everything a run needs, restored from a checkpoint when resuming."""
     run_dir = Path(run_dir)
     dist = dist or dist_from_env()
-    state = load_resume_state(cfg, run_dir, resume, console)
+    state = load_resume_state(cfg, run_dir, resume, console if dist.main else None)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
 
     device = init_distributed(dist, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
-    manifest = open_manifest(cfg.data.root, console, cfg.loader.workers)
+    manifest = open_manifest(cfg.data.root, console, cfg.loader.workers, dist)
     backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
     counts = manifest.class_counts(cfg.data.train_split)
     if sum(counts) == 0:
@@ -190,7 +211,9 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         dump_config(cfg, run_dir / "config.yaml")
     tracker = build_tracker(cfg.tracking, run_dir, cfg.to_dict(),
                             state.get("tracker_run_id") if state else None, enabled=dist.main)
-    on_best = (lambda: hub.push(cfg.hub, run_dir)) if cfg.hub.push == "best" else None
+    # rank 0 pushes each new best in a thread: other ranks never wait in a collective on it
+    on_best = (hub.BackgroundPush(lambda: hub.push(cfg.hub, run_dir))
+               if cfg.hub.push == "best" and dist.main else None)
     trainer = Trainer(
         cfg, model, train_loader, eval_loader, counts, device,
         make_net=net_factory(cfg, device, dist), dist=dist,

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from meld_dali import checkpoint as ckpt_io
+from meld_dali import evaluation as ev
 from meld_dali.config import EMOTIONS, Config
+from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist, predict_loader, score, share_rank0_buffers
 from meld_dali.losses import FocalLoss, inverse_sqrt_weights
 from meld_dali.model import STAGES
@@ -152,10 +154,10 @@ class Trainer:
         """Run the recipe to the end (or until `until_epoch` epochs are complete)."""
         t = self.cfg.train
         end = t.epochs if until_epoch is None else min(until_epoch, t.epochs)
-        while self.epoch < end and not self.stop_requested:
+        # the stop flag is agreed over ranks (DDP): a signal seen by one rank stops them all
+        while self.epoch < end and not self.agree_stop():
             self.set_stages(stages_for_epoch(t, self.epoch))
-            self.train_one_epoch()
-            if self.stop_requested:  # interrupted mid-epoch: state saved, resume later
+            if self.train_one_epoch():  # interrupted mid-epoch: state saved, resume later
                 break
             metrics, predictions = self.evaluate()
             improved = self.early.update(metrics["weighted_f1"])
@@ -167,8 +169,9 @@ class Trainer:
         return {"best_weighted_f1": self.early.best, "epochs": self.epoch,
                 "interrupted": self.stop_requested}
 
-    def train_one_epoch(self, max_steps: int = 0) -> None:
-        """One pass over the train loader (or its first `max_steps` optimizer steps)."""
+    def train_one_epoch(self, max_steps: int = 0) -> bool:
+        """One pass over the train loader (or its first `max_steps` optimizer steps).
+        True when a stop request paused it mid-epoch (state saved)."""
         self.net.train()
         accum, total = self.cfg.train.accum_steps, self.batches_per_epoch(max_steps)
         loader = self.train_loader
@@ -177,7 +180,7 @@ class Trainer:
         pending = False  # gradients accumulated but not yet applied
         self.reporter.epoch_start(self.epoch, total, i, self.stats.clips)
         tick = time.perf_counter()
-        for batch in loader:
+        for batch in self.in_step(loader):  # DDP: every rank runs the same micro-batches
             now = time.perf_counter()
             self.stats.data_wait += now - tick
             group_start = i - i % accum
@@ -195,7 +198,7 @@ class Trainer:
             self.stats.step_time += tick - now
             self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             if last_in_group:
-                if self.stop_requested:
+                if self.agree_stop():  # DDP: every rank stops after the same optimizer step
                     return self.pause()
                 if self.every_n_steps():
                     self.save_last()
@@ -203,9 +206,12 @@ class Trainer:
                 if i >= total:  # a capped epoch (max_steps_per_epoch) ends here
                     break
         if pending:  # skipped clips left a group short: apply what was accumulated
+            self.sync_grads()  # (DDP: that group's backwards ran under no_sync)
             self.optimizer_step()
         self.reporter.pass_end()
         self.epoch, self.micro = self.epoch + 1, 0
+        loader.set_epoch(self.epoch)  # an epoch cut short still saves its position as done
+        return False
 
     def forward_backward(self, batch, scale: float) -> float:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -235,13 +241,14 @@ class Trainer:
         every = self.cfg.train.checkpoint_every_steps
         return bool(every) and self.step % every == 0
 
-    def pause(self) -> None:
+    def pause(self) -> bool:
         """A stop was requested: the optimizer step is done, save and leave the epoch."""
         self.save_last()
         if self.saver:
             run = self.saver.dir.parent
             self.reporter.say(f"interrupted: saved {self.saver.last}; resume with "
                               f"`meld-dali train --out {run} --resume auto`")
+        return True
 
     def take_stats(self) -> EpochStats:
         """The running epoch's figures, and a fresh count from here on."""
@@ -285,8 +292,16 @@ class Trainer:
                 "early_stop": self.early.state_dict(),
                 "stages": sorted(self.model.trainable), "epoch_stats": asdict(self.stats),
                 "history": self.history, "rng": ckpt_io.rng_state(),
-                "loader": self.train_loader.state_dict(),
-                "tracker_run_id": self.reporter.tracker.run_id}
+                "loader": self.train_loader.state_dict(),  # this rank's (rank 0's on disk)
+                "tracker_run_id": self.reporter.tracker.run_id, **self.rank_states()}
+
+    def rank_states(self) -> dict:
+        """Every rank's loader position and RNG state, in rank order, and the world size:
+        a collective under DDP (every rank builds the state; only rank 0 writes it)."""
+        parts = ev.gather_objects((self.train_loader.state_dict(), ckpt_io.rng_state()),
+                               self.dist)
+        return {"world_size": self.dist.world, "loaders": [p[0] for p in parts],
+                "rngs": [p[1] for p in parts]}
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
@@ -300,8 +315,26 @@ class Trainer:
         self.early.load_state_dict(sd["early_stop"])
         self.stats = EpochStats.from_state(sd["epoch_stats"])
         self.history = list(sd["history"])
-        self.train_loader.load_state_dict(sd["loader"])
-        ckpt_io.set_rng_state(sd["rng"])
+        loader, rng = self.rank_position(sd)
+        self.train_loader.load_state_dict(loader)
+        ckpt_io.set_rng_state(rng)
+
+    def rank_position(self, sd: dict) -> tuple[dict, dict]:
+        """This rank's saved (loader state, RNG state). On another number of processes the
+        shards differ: refused mid-epoch; at an epoch boundary the epoch's order restarts."""
+        world = sd.get("world_size", 1)  # older checkpoints: one process (rank 0's state)
+        if world == self.dist.world:
+            return sd.get("loaders", [sd["loader"]])[self.dist.rank], \
+                sd.get("rngs", [sd["rng"]])[self.dist.rank]
+        if self.micro:
+            raise UserError(f"checkpoint was written by {world} processes, this run has "
+                            f"{self.dist.world}: it stopped mid-epoch (epoch {self.epoch}, "
+                            f"step {self.step}), so resume with --nproc_per_node={world}, "
+                            "or from a checkpoint at an epoch boundary")
+        self.reporter.say(f"warning: checkpoint was written by {world} processes, this run has "
+                          f"{self.dist.world}: epoch {self.epoch} starts from its beginning, "
+                          "sharded for this run (same clips, another split over ranks)")
+        return {**sd["loader"], "epoch": self.epoch, "consumed": 0}, sd["rng"]
 
     def load_schedule(self, saved: dict) -> None:
         """The saved OneCycle state, or, when this run has another number of optimizer steps
@@ -320,6 +353,37 @@ class Trainer:
             f"{self.step} at LR {self.scheduler.get_last_lr()[0]:.3g}")
 
     # ------------------------------------------------------------------ plumbing
+
+    def in_step(self, loader):
+        """The loader's batches while every rank has one. A skipped clip can leave a rank a
+        batch short; DDP needs every rank in every step, so all stop where the first runs
+        out (one tiny all-reduce per micro-batch, only with several ranks)."""
+        if self.dist.world == 1:
+            yield from loader
+            return
+        batches = iter(loader)
+        while True:
+            batch = next(batches, None)
+            if not ev.agree(batch is not None, self.dist, self.device):
+                if self.micro < self.batches_per_epoch():
+                    self.reporter.say(f"a rank ran out of batches (skipped clips): epoch "
+                                      f"{self.epoch} ends at micro-batch {self.micro} on "
+                                      "every rank")
+                return
+            yield batch
+
+    def agree_stop(self) -> bool:
+        """Whether any rank was asked to stop (every rank calls this at the same step)."""
+        stop = ev.agree(self.stop_requested, self.dist, self.device, any_rank=True)
+        if stop and not self.stop_requested:
+            self.stop_requested = True
+            self.reporter.say("another rank was asked to stop: finishing the current step, "
+                              "then saving")
+        return stop
+
+    def sync_grads(self) -> None:
+        """DDP: average gradients accumulated under no_sync (a group cut short)."""
+        ev.average_grads(self.model, self.dist)
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce on the micro-steps inside an accumulation group."""

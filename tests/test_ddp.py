@@ -1,17 +1,25 @@
 """torchrun with 2 gloo processes on the CPU: completes, evaluates every dev clip once,
-only rank 0 writes, resume works."""
+only rank 0 writes, resume works; several ranks stay in step (prepare on rank 0, a signal to
+one rank, a clip failing on one rank, another world size on resume)."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from meld_dali.checkpoint import load_checkpoint
+from meld_dali.config import load_config
+from meld_dali.data.base import ClipOrder
+from meld_dali.errors import UserError
+from meld_dali.evaluation import Dist
 from meld_dali.inference import evaluate, load_for_inference
+from meld_dali.launch import build_trainer, run_training
 from meld_dali.manifest import Manifest
 
 pytestmark = pytest.mark.slow
@@ -54,6 +62,124 @@ def test_two_process_gloo_run_and_resume(synth_root, tmp_path):
     changed = [k for k, v in first["model"].items()
                if v.is_floating_point() and not torch.equal(v, second["model"][k])]
     assert any(k.startswith("blocks.3.") for k in changed)  # res4 trained after unfreezing
+
+
+SMALL = ["data.num_frames=4", "train.batch_size=2", "loader.workers=0", "model.hidden=[32, 16]",
+         "loader.backend=torch", "train.checkpoint_every_steps=1", "tracking.wandb=false",
+         "train.accum_steps=3"]
+
+
+def torchrun_popen(run, root, log, extra=()):
+    """2 workers in their own session (a hang is killed as a group), output to `log`."""
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    args = [exe, "--standalone", "--nproc_per_node=2", "-m", "meld_dali", "train", "--config",
+            "demo", "--data", str(root), "--out", str(run), "--resume", "auto"]
+    for s in [*SMALL, "train.epochs=1", *extra]:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def finish(proc, log, timeout=600):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("torchrun hung:\n" + log.read_text()[-4000:])
+    return log.read_text()
+
+
+def worker_of_rank(proc, rank: int):
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
+    """One raw root through four stages, two torchrun launches:
+    1. rank 0 alone prepares it; SIGTERM to rank 1 only stops both ranks after the same
+       optimizer step, one checkpoint holds both ranks' positions, exit 0;
+    2. resuming that mid-epoch checkpoint on 1 process is refused in one line;
+    3. with both clips of rank 1's last batch corrupted, the resumed 2-process run ends
+       the epoch on both ranks where rank 1 runs out (no hang), applies the group cut short
+       with gradients averaged over ranks (the ranks' weights stay equal), reports the clips;
+    4. that epoch-boundary checkpoint resumes on 1 process with a warning."""
+    root = tmp_path / "raw"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns(
+        "frames", "manifest*", "prepare_report.json"))
+    run, log = tmp_path / "run", tmp_path / "run1.log"
+    proc = torchrun_popen(run, root, log)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    rank1 = worker_of_rank(proc, 1)
+    assert rank1 is not None, "rank 1 gone before the first checkpoint:\n" + log.read_text()
+    rank1.send_signal(signal.SIGTERM)
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("running `meld-dali prepare") == 1, out[-4000:]
+    m = Manifest.load(root)
+    assert len(m.ok("train")) == len(Manifest.load(synth_root).ok("train"))
+    assert not (root / "manifest.partial.jsonl").exists()
+    assert "another rank was asked to stop" in out, out[-4000:]
+    assert {p.name for p in (run / "checkpoints").iterdir()} <= {"last.pt", "last.prev.pt"}
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    micro = saved["micro_step"]
+    assert saved["world_size"] == 2 and saved["epoch"] == 0 and 3 * saved["step"] == micro > 0
+    # both ranks stopped after the same step: each took exactly `micro` batches of 2
+    assert [x["consumed"] for x in saved["loaders"]] == [2 * micro, 2 * micro]
+    assert not (run / "metrics.jsonl").exists()  # stopped mid-epoch: nothing evaluated
+
+    # 2. another world size mid-epoch: refused, one line naming both sizes
+    cfg = load_config("demo", [*SMALL, "train.epochs=1", f"data.root={root}"])
+    with pytest.raises(UserError) as err:
+        build_trainer(cfg, run, resume="auto", dist=Dist())
+    msg = str(err.value)
+    assert "\n" not in msg and "written by 2 processes, this run has 1" in msg, msg
+    assert "--nproc_per_node=2" in msg
+
+    # 3. rank 1's last batch of epoch 0 fails: it runs a batch short of rank 0
+    order = ClipOrder(m.ok("train"), train=True, seed=cfg.train.seed, batch_size=2, rank=1,
+                      world=2).order(0)
+    n_batches = len(order) // 2
+    assert 2 * micro <= len(order) - 2, "SIGTERM landed too late in the epoch"
+    bad = [m.video_path(m.clips[r]) for r in order[-2:]]
+    for path in bad:
+        path.write_bytes(b"not a video")
+    log = tmp_path / "run2.log"
+    out = finish(torchrun_popen(run, root, log), log)
+    assert "skipped clip" in out and all(p.name in out for p in bad), out[-4000:]
+    assert f"ends at micro-batch {n_batches - 1} on every rank" in out, out[-4000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0]
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    steps = -(-(n_batches - 1) // 3)  # the last group of 3 cut to 2 micro-batches
+    assert saved["step"] == steps and saved["epoch"] == 1 and saved["micro_step"] == 0
+    assert [x["epoch"] for x in saved["loaders"]] == [1, 1]
+    # each rank scored its dev shard with its own weights: equal to rank 0's if in sync
+    single = evaluate(load_for_inference(run / "checkpoints" / "last.pt", "cpu"), root, "dev",
+                      backend="torch")
+    for key in ("accuracy", "macro_f1", "weighted_f1", "confusion"):
+        assert single[key] == rows[0][key], key
+
+    # 4. at an epoch boundary another world size restarts the epoch's order, with a warning
+    cfg = load_config("demo", [*SMALL, "train.epochs=2", "train.max_steps_per_epoch=1",
+                               f"data.root={root}"])
+    with caplog.at_level("INFO", logger="meld_dali.trainer"):
+        result = run_training(cfg, run, resume="auto", dist=Dist())
+    assert "warning: checkpoint was written by 2 processes, this run has 1" in caplog.text
+    assert result["epochs"] == 2 and not result["interrupted"]
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert saved["world_size"] == 1 and saved["step"] == steps + 1
+    assert saved["loaders"] == [{"epoch": 2, "consumed": 0, "seed": cfg.train.seed}]
 
 
 def test_dockerfile_lints_clean():

@@ -108,3 +108,31 @@ def test_hub_without_token_is_skipped_with_one_line(trained_run, caplog, monkeyp
     with caplog.at_level(logging.WARNING):
         assert hub.push(HubConfig(repo_id="me/x"), run, api=api) is False
     assert "no Hugging Face token" in caplog.text and not api.commits
+
+
+def test_best_push_runs_in_the_background_and_coalesces():
+    """hub.push=best: the push runs in a worker thread (rank 0 never blocks in end_epoch
+    while other ranks wait in a collective); a best arriving while a push is queued rides
+    on it; join() waits for the pushes; a failing push never raises into training."""
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_push():
+        calls.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(10)
+        return True
+
+    bg = hub.BackgroundPush(slow_push)
+    bg()  # returns at once although the push blocks
+    assert started.wait(10) and not release.is_set()
+    bg()  # queued behind the running push
+    bg()  # coalesced: the queued push will read the newest best.pt
+    release.set()
+    bg.join()
+    assert bg.results == [True, True] and all(n.startswith("hub-push") for n in calls)
+    failing = hub.BackgroundPush(lambda: 1 / 0)
+    failing()
+    failing.join()
+    assert failing.results == [False]
