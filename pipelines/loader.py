@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -70,7 +71,7 @@ class FileReader:
     releases the GIL). A read error is kept and reported when the clip is taken."""
 
     def __init__(self, loader: DaliLoader, threads: int):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)  # no cycle: the loader frees its pipelines
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dali-read")
         self.pending: dict[tuple[int, int], Future] = {}
 
@@ -109,7 +110,10 @@ class ShareSource:
     batch of the current pass. Batch i of a pass is rows[i*B:(i+1)*B]."""
 
     def __init__(self, loader: DaliLoader, share: int):
-        self.loader, self.share = loader, share
+        # a weak reference: pipeline -> source -> loader -> pipeline would be a cycle, freed
+        # only by the garbage collector, possibly inside a forked DataLoader worker, where a
+        # DALI pipeline's destructor waits forever for threads that were not forked
+        self.loader, self.share = weakref.proxy(loader), share
         self.i = 0
         self.failures: dict[int, list[ClipFailure]] = {}  # batch -> read failures
 
@@ -341,6 +345,12 @@ class DaliLoader(ManifestLoader):
             log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",
                         f"one of {names}" if len(odd or clips) > 1 else names, reason)
         return None if batch is None else self.deliver(batch)
+
+    def close(self) -> None:
+        """Free the pipelines and the reader threads now (they are rebuilt if iterated)."""
+        self._close_pipelines()
+        self._clean = False
+        self.reader.clear()
 
     def __del__(self):
         reader = getattr(self, "reader", None)

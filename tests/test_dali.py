@@ -200,3 +200,22 @@ def test_errors_that_are_not_decode_errors_surface(synth_vp9, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         list(dali)
     assert not dali.failures  # nothing was reported as a bad clip
+
+
+def test_a_dropped_dali_loader_frees_its_pipelines_at_once(synth_vp9):
+    """No reference cycle through the pipelines' sources: dropping a loader frees its DALI
+    pipelines immediately, never later inside a forked DataLoader worker (where a pipeline's
+    destructor would wait forever for threads that were not forked)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        dali, _ = pair(synth_vp9, bs=3)
+        assert len(list(dali)) > 0 and dali.its
+        pipes = [weakref.ref(it._pipes[0]) for it in dali.its]
+        ref = weakref.ref(dali)
+        del dali
+        assert ref() is None and all(p() is None for p in pipes)
+    finally:
+        gc.enable()
