@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -54,19 +54,51 @@ class EarlyStopping:
 
 @dataclass
 class EpochStats:
+    """The running epoch's figures. The loss is summed on the training device (`add`: no
+    GPU sync per micro-batch) and read, one sync, only when a figure is wanted
+    (`mean_loss`, `as_dict`, `state`): by the progress display at its interval, the
+    per-step log, the end of the epoch and checkpoints.
+
+    `data_wait` is the time the loop spent blocked on the loader, `step_time` the rest
+    (launching forward/backward/optimizer, and GPU work wherever the CPU waited for it: at
+    a loss read, the optimizer step's scaler/log reads and the end-of-epoch sync). Their
+    sum is the epoch's wall time; the data-wait share is an upper bound on the GPU's
+    data starvation (GPU work still queued during a loader wait counts as wait)."""
     loss_sum: float = 0.0
     clips: int = 0
     data_wait: float = 0.0
     step_time: float = 0.0
+    pending: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def add(self, loss: torch.Tensor, clips: int) -> None:
+        """Count a micro-batch's mean loss (a device tensor) over `clips` clips; no sync."""
+        part = loss.detach().double() * clips  # float64 like the old Python float sum
+        self.pending = part if self.pending is None else self.pending + part
+        self.clips += clips
+
+    def flush(self) -> None:
+        """Move the device-side sum into `loss_sum` (the one GPU sync)."""
+        if self.pending is not None:
+            self.loss_sum += float(self.pending)
+            self.pending = None
+
+    def mean_loss(self) -> float:
+        self.flush()
+        return self.loss_sum / max(self.clips, 1)
+
+    def state(self) -> dict:
+        """Plain data (floats) for checkpoints."""
+        self.flush()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pending"}
 
     def as_dict(self) -> dict:
-        return {"train_loss": self.loss_sum / max(self.clips, 1), "train_clips": self.clips,
+        return {"train_loss": self.mean_loss(), "train_clips": self.clips,
                 "data_wait_s": self.data_wait, "step_time_s": self.step_time,
                 "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
 
     @classmethod
     def from_state(cls, sd: dict) -> EpochStats:
-        known = {f.name for f in fields(cls)}  # older checkpoints held more fields
+        known = {f.name for f in fields(cls)} - {"pending"}  # older ones held more fields
         return cls(**{k: v for k, v in sd.items() if k in known})
 
 
@@ -184,16 +216,18 @@ class Trainer:
             group = min(accum, total - group_start)  # the last group may be partial
             last_in_group = i + 1 == group_start + group
             with self._no_sync(not last_in_group):
-                loss = self.forward_backward(batch, 1.0 / group)  # .item(): a GPU sync point
+                loss = self.forward_backward(batch, 1.0 / group)  # a device tensor: no sync
             pending = not last_in_group
             if last_in_group:
                 self.optimizer_step()
             i = self.micro = i + 1
-            self.stats.loss_sum += loss * len(batch)
-            self.stats.clips += len(batch)
+            # perf (issue 15): the loss stays on the device; it is read (one GPU sync) only
+            # when progress prints, at the step log and at the end of the epoch. The
+            # progress call sits before the tick so a sync there counts as step time.
+            self.stats.add(loss, len(batch))
+            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             tick = time.perf_counter()
             self.stats.step_time += tick - now
-            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             if last_in_group:
                 if self.stop_requested:
                     return self.pause()
@@ -204,16 +238,19 @@ class Trainer:
                     break
         if pending:  # skipped clips left a group short: apply what was accumulated
             self.optimizer_step()
+        self.stats.step_time += self._drain()  # perf: the epoch's sync point (queued GPU work)
         self.reporter.pass_end()
         self.epoch, self.micro = self.epoch + 1, 0
 
-    def forward_backward(self, batch, scale: float) -> float:
+    def forward_backward(self, batch, scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its mean loss, detached, on the
+        device (reading it is a GPU sync: the caller decides when)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             logits = self.net(batch.video, batch.mask)
             loss = self.criterion(logits, batch.label)
         self.scaler.scale(loss * scale).backward()
-        return loss.item()
+        return loss.detach()
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -227,7 +264,7 @@ class Trainer:
         self.step += 1
         if self.step % self.cfg.tracking.log_every == 0:
             self.reporter.log_step(
-                {"train/loss_avg": self.stats.loss_sum / max(self.stats.clips, 1),
+                {"train/loss_avg": self.stats.mean_loss(),  # a sync once per log interval
                  "train/lr": self.scheduler.get_last_lr()[0],
                  "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
 
@@ -283,7 +320,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "micro_step": self.micro,
                 "early_stop": self.early.state_dict(),
-                "stages": sorted(self.model.trainable), "epoch_stats": asdict(self.stats),
+                "stages": sorted(self.model.trainable), "epoch_stats": self.stats.state(),
                 "history": self.history, "rng": ckpt_io.rng_state(),
                 "loader": self.train_loader.state_dict(),
                 "tracker_run_id": self.reporter.tracker.run_id}
@@ -320,6 +357,14 @@ class Trainer:
             f"{self.step} at LR {self.scheduler.get_last_lr()[0]:.3g}")
 
     # ------------------------------------------------------------------ plumbing
+
+    def _drain(self) -> float:
+        """Wait for the GPU's queued work (CUDA; nothing on CPU); returns the seconds."""
+        t = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.flush()
+        return time.perf_counter() - t
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce on the micro-steps inside an accumulation group."""
