@@ -247,13 +247,17 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             "results": results, "unavailable": unavailable}
 
 
-def bench_train_ab(cfg: Config, manifest: Manifest | None, backends: list[str], **kw) -> dict:
+def bench_train_ab(cfg: Config, manifest: Manifest | None, backends: list[str], *,
+                   quick: bool = False, **kw) -> dict:
     """`--ab`: eager vs compiled, channels_last vs contiguous, fp16 vs bf16, one bench per
-    variant (AB_VARIANTS), merged: each row carries its `variant` and `settings`."""
+    variant (AB_VARIANTS; `quick` skips the compiled one), merged: each row carries its
+    `variant` and `settings`."""
     from meld_dali.config import apply_overrides
 
     merged: dict | None = None
     for name, overrides in AB_VARIANTS:
+        if quick and name == "compiled":
+            continue
         report = bench_train(apply_overrides(cfg, overrides), manifest, backends,
                              variant=name, **kw)
         for r in report["results"]:
@@ -261,7 +265,8 @@ def bench_train_ab(cfg: Config, manifest: Manifest | None, backends: list[str], 
                              for k in ("amp", "channels_last", "compile")}
         if merged is None:
             merged = report
-            merged["settings"]["variants"] = [n for n, _ in AB_VARIANTS]
+            merged["settings"]["variants"] = [n for n, _ in AB_VARIANTS
+                                              if not (quick and n == "compiled")]
         else:
             merged["results"] += report["results"]
     return merged
