@@ -98,14 +98,17 @@ def tree_memory(procs) -> tuple[int, int]:
 
 class ResourceMonitor:
     """Samples this process tree's memory (peak summed RSS and peak PSS) and CPU time, and
-    the GPU's memory and utilization through NVML when there is a GPU, in a background
-    thread. `peak_mem` (PSS) is the figure to read; `peak_rss` is kept for comparison."""
+    the GPU's memory and utilization, and its NVDEC and NVJPG engines' utilization
+    (`nvdec_util`, `nvjpg_util`: fractions, means over the window; None without NVML)
+    through NVML when there is a GPU, in a background thread. `peak_mem` (PSS) is the
+    figure to read; `peak_rss` is kept for comparison."""
 
     MEMORY = "PSS"  # what peak_mem_mb is, for table headers
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak_rss, self.peak_mem = interval, 0, 0
         self.gpu_util: list[float] = []
+        self.engines: dict[str, list[float]] = {"nvdec_util": [], "nvjpg_util": []}
         self._stop = threading.Event()
         self.proc = psutil.Process()
         self._nvml = None
@@ -144,6 +147,15 @@ class ResourceMonitor:
                     float(self._pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu))
             except Exception:  # noqa: BLE001
                 pass
+            # decode engines: (util %, sampling period); NVJPG only in recent nvidia-ml-py
+            for key, fn in (("nvdec_util", "nvmlDeviceGetDecoderUtilization"),
+                            ("nvjpg_util", "nvmlDeviceGetJpgUtilization")):
+                get = getattr(self._pynvml, fn, None)
+                if get is not None:
+                    try:
+                        self.engines[key].append(float(get(self._nvml)[0]))
+                    except Exception:  # noqa: BLE001 - not supported on this GPU/driver
+                        pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -168,6 +180,8 @@ class ResourceMonitor:
     def summary(self) -> dict:
         out = {"peak_mem_mb": self.peak_mem / 2**20, "peak_rss_mb": self.peak_rss / 2**20,
                "cpu_util": self.cpu_util}
+        for key, values in self.engines.items():  # mean over the window; None without NVML
+            out[key] = sum(values) / len(values) / 100 if values else None
         if torch.cuda.is_available():
             out["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             if self.gpu_util:

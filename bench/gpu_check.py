@@ -1,4 +1,6 @@
-"""GPU check: the DALI mixed/GPU variant on real H.264 clips, the loader and trainer benches.
+"""GPU check: the DALI mixed/GPU variant on real H.264 clips, the loader and trainer benches
+on a MELD-shaped set (280 clips of 1280x720 H.264, raw and as the 256-px clip cache), every
+recipe stage, and the --ab variants; sized for ~8 minutes on an H100 (not yet run on one).
 
     python -m meld_dali.bench.gpu_check OUT_DIR [--quick]
 
@@ -59,16 +61,18 @@ def check_pipeline(manifest, source: str, results: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--quick", action="store_true", help="skip torch.compile runs")
+    ap.add_argument("--quick", action="store_true", help="skip the torch.compile variant")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/meld-dali-gpu-check"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device: nothing to check", file=sys.stderr)
         return 1
-    from meld_dali.bench.common import environment, write_json
+    import os
+
+    from meld_dali.bench.common import RESULTS_DIR, environment, write_json
     from meld_dali.bench.loader import bench_loader
-    from meld_dali.bench.train import bench_train
+    from meld_dali.bench.train import bench_train, bench_train_ab
 
     from meld_dali.config import load_config
     from meld_dali.manifest import prepare
@@ -77,8 +81,12 @@ def main(argv=None) -> int:
     results: dict = {"env": environment()}
     t0 = time.time()
     root = args.data_dir
-    synth(root, SynthSpec(clips=96, codec="h264", width=320, height=240, seed=0))
-    manifest, _ = prepare(root, frames=root / "frames", short_side=256, workers=8)
+    workers = os.cpu_count() or 8
+    # MELD-shaped: 1280x720 H.264; 280 clips = 168 train = 10 batches of 16 (steps below)
+    synth(root, SynthSpec(clips=280, codec="h264", width=1280, height=720, seed=0),
+          workers=workers)
+    manifest, _ = prepare(root, short_side=256, workers=workers, cache=root / "cache",
+                          cache_codec="h264")
     results["synth_prepare_s"] = time.time() - t0
 
     def step(name, fn):
@@ -92,38 +100,47 @@ def main(argv=None) -> int:
         write_json(results, args.out / "gpu_check.json")
 
     step("dali_gpu_h264_video", lambda: check_pipeline(manifest, "video", results))
-    step("dali_gpu_frames", lambda: check_pipeline(manifest, "frames", results))
+
+    def save(rep, name):
+        write_json(rep, args.out / name)
+        write_json(rep, RESULTS_DIR / name)  # bench/results/ (carried back with OUT too)
 
     def loader_bench():
-        cfg = load_config("seed", ["loader.workers=8"])
-        rep = bench_loader(manifest, cfg.data, cfg.loader, ["dali-gpu", "dali-cpu", "torch"],
-                           ["video", "frames"], batches=6, repeats=3, warmup=2, batch_size=16)
-        write_json(rep, args.out / "bench_loader.json")
+        cfg = load_config("seed", [f"loader.workers={workers}"])
+        rep = bench_loader(manifest, cfg.data, cfg.loader, ["dali-gpu", "torch"],
+                           ["video", "cache"], batches=5, repeats=2, warmup=2, batch_size=16)
+        save(rep, "gpu_check_bench_loader.json")
         results["bench_loader"] = {"ok": True, "rows": [
-            {k: r[k] for k in ("backend", "source", "clips_per_s", "vs_torch", "cpu_util")}
-            for r in rep["results"]]}
+            {k: r.get(k) for k in ("backend", "source", "clips_per_s", "vs_torch", "cpu_util",
+                                   "nvdec_util", "nvjpg_util")} for r in rep["results"]]}
 
     step("bench_loader", loader_bench)
 
-    variants = [("amp_fp16_cl", ["train.amp=fp16", "loader.channels_last=true",
-                                 "train.compile=false"]),
-                ("fp32_nocl", ["train.amp=off", "loader.channels_last=false",
-                               "train.compile=false"])]
-    if not args.quick:
-        variants.append(("amp_fp16_cl_compile", ["train.amp=fp16", "loader.channels_last=true",
-                                                 "train.compile=true"]))
-    for tag, over in variants:
-        def train_bench(tag=tag, over=over):
-            cfg = load_config("seed", ["loader.workers=8", "model.pretrained=",
-                                       "train.batch_size=8", *over])
-            rep = bench_train(cfg, manifest, ["synthetic", "dali-gpu", "torch"], steps=5,
-                              warmup=2)
-            write_json(rep, args.out / f"bench_train_{tag}.json")
-            results[f"bench_train_{tag}"] = {"ok": True, "rows": [
-                {k: r[k] for k in ("backend", "clips_per_s", "data_wait_share", "verdict",
-                                   "gpu_mem_peak_mb")} for r in rep["results"]]}
+    keys = ("backend", "variant", "stage", "clips_per_s", "data_wait_share", "verdict",
+            "achieved_tflops", "mfu", "compile_s", "recompiles", "nvdec_util",
+            "gpu_mem_peak_mb")
+    for source in ("video", "cache"):
+        def train_bench(source=source):
+            cfg = load_config("seed", [f"loader.workers={workers}", "model.pretrained=",
+                                       "train.batch_size=16", "train.compile=false"])
+            rep = bench_train(cfg, manifest, ["synthetic", "dali-gpu"] if source == "video"
+                              else ["dali-gpu"], steps=10, warmup=3, source=source,
+                              stages=["head", "res5", "res4", "res3"])
+            save(rep, f"gpu_check_bench_train_{source}.json")
+            results[f"bench_train_{source}"] = {"ok": True, "rows": [
+                {k: r.get(k) for k in keys} for r in rep["results"]]}
 
-        step(f"bench_train_{tag}", train_bench)
+        step(f"bench_train_{source}", train_bench)
+
+    def ab_bench():  # the model alone, res3 stage: eager/compiled, layouts, fp16/bf16
+        cfg = load_config("seed", ["model.pretrained=", "train.batch_size=16"])
+        rep = bench_train_ab(cfg, None, ["synthetic"], steps=10, warmup=3,
+                             stages=["res3"], quick=args.quick)
+        save(rep, "gpu_check_bench_train_ab.json")
+        results["bench_train_ab"] = {"ok": True, "rows": [
+            {k: r.get(k) for k in keys} for r in rep["results"]]}
+
+    step("bench_train_ab", ab_bench)
     results["total_s"] = time.time() - t0
     write_json(results, args.out / "gpu_check.json")
     print(json.dumps({k: v for k, v in results.items() if k != "env"}, indent=1, default=str))

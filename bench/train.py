@@ -1,14 +1,23 @@
-"""`meld-dali bench train`: the trainer's consumption rate, alone and fed by each loader.
+"""`meld-dali bench train`: the trainer's consumption rate, alone and fed by each loader,
+per recipe stage, with FLOPs, achieved TFLOP/s and MFU.
 
 The same Trainer as `meld-dali train` runs `steps` optimizer steps (accumulation 1) after a
 warm-up; its own timers split wall time into data wait (blocked on the loader) and step
-time (forward, backward, optimizer; the loss .item() is the GPU sync point). "synthetic" is
-the model alone on in-memory batches: the ceiling any loader can reach.
+time (forward, backward, optimizer; the trainer syncs the GPU at the end of each pass, so
+the window's wall time is exact). "synthetic" is the model alone on in-memory batches: the
+ceiling any loader can reach.
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode, which counts 2 FLOPs per
+multiply-accumulate (FLOPs = 2 x MACs): pytorchvideo's 65.7 GMACs per SlowFast R50 8x8 clip
+read ~131 GFLOPs here. `fwd_gflops_per_clip` is one forward of one clip; the training FLOPs
+are counted over a real forward+backward of one micro-batch at the row's stage (a frozen
+backbone has no backward through it, so no 3x-forward rule of thumb is used).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from meld_dali.bench.common import (
@@ -23,104 +32,271 @@ from meld_dali.config import Config
 from meld_dali.data.base import SyntheticLoader
 from meld_dali.data.select import backend_problem, resolve_source, source_problem
 from meld_dali.evaluation import Dist
-from meld_dali.launch import build_loaders, build_model_on, flag, net_factory, video_dtype
+from meld_dali.launch import (
+    apply_backend_flags,
+    build_loaders,
+    build_model_on,
+    compile_enabled,
+    flag,
+    net_factory,
+    video_dtype,
+)
 from meld_dali.manifest import Manifest
 from meld_dali.trainer import Trainer
 
 DATA_BOUND_SHARE = 0.10  # above this share of step time waiting for data: data-bound
 
+# The recipe's stages (train.unfreeze in the seed config): what trains at each.
+STAGE_TRAINABLE: dict[str, set[str]] = {
+    "head": set(), "res5": {"res5"}, "res4": {"res4", "res5"}, "res3": {"res3", "res4", "res5"}}
 
-def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int) -> dict:
-    """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer),
-    res3-res5 trainable (the costliest recipe stage): `warmup` optimizer steps, then
-    `steps` timed ones."""
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity), by device-name substring; the
+# first match wins, so the more specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+    ("L4", 121.0), ("A10", 125.0), ("T4", 65.0), ("V100", 125.0))
+
+# `--ab`: one row per variant, each changing one setting of the eager fp16 channels-last base.
+AB_VARIANTS: tuple[tuple[str, list[str]], ...] = (
+    ("eager", ["train.compile=false", "loader.channels_last=true", "train.amp=fp16"]),
+    ("compiled", ["train.compile=true", "loader.channels_last=true", "train.amp=fp16"]),
+    ("contiguous", ["train.compile=false", "loader.channels_last=false", "train.amp=fp16"]),
+    ("bf16", ["train.compile=false", "loader.channels_last=true", "train.amp=bf16"]),
+)
+
+
+def parse_stages(text: str) -> list[str]:
+    """'all' or a comma list of head, res5, res4, res3 (in the given order)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(STAGE_TRAINABLE)
+    bad = [n for n in names if n not in STAGE_TRAINABLE]
+    if bad or not names:
+        raise ValueError(f"unknown stage(s) {bad or text!r}: use all or any of "
+                         f"{', '.join(STAGE_TRAINABLE)}")
+    return names
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense fp16/bf16 peak from PEAK_TFLOPS; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def count_flops(fn) -> int:
+    """FLOPs (2 per MAC) that `fn()` runs, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def forward_flops(model: torch.nn.Module, T: int, S: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> int:
+    """FLOPs of one forward of one clip [1, 3, T, S, S] (eval mode, no grad)."""
+    video = torch.zeros(1, 3, T, S, S, device=device, dtype=dtype)
+    mask = torch.ones(1, T, dtype=torch.bool, device=device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return count_flops(lambda: model(video, mask))
+    finally:
+        model.train(was)
+
+
+def train_step_flops(trainer: Trainer, batch) -> int:
+    """FLOPs of the forward+backward of one micro-batch as the trainer runs it (its
+    stage, autocast and loss) on the uncompiled model; the gradients are dropped."""
+    net = trainer.net
+    trainer.net = trainer.model  # FlopCounterMode counts eager ops
+    try:
+        flops = count_flops(lambda: trainer.forward_backward(batch, 1.0))
+    finally:
+        trainer.net = net
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return flops
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process (torch._dynamo's counters)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
+            stage: str = "res3") -> dict:
+    """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer) at
+    one recipe stage: `warmup` optimizer steps (compilation included), then `steps` timed
+    ones."""
     torch.manual_seed(0)
     model = build_model_on(cfg, device)
-    model.set_trainable({"res3", "res4", "res5"})
+    model.set_trainable(STAGE_TRAINABLE[stage])
     trainer = Trainer(cfg, model, loader, loader, [1] * 7, device,
                       make_net=net_factory(cfg, device, Dist()))
+    B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
+    fwd = forward_flops(model, T, S, device)
+    graphs0 = dynamo_graphs()
+    t0 = time.perf_counter()
     trainer.train_one_epoch(max_steps=warmup)  # warm-up (and compilation)
-    trainer.take_stats()
+    warm_wall = time.perf_counter() - t0
+    w = trainer.take_stats()
+    graphs_warm = dynamo_graphs()
+    epoch_batches = len(loader)
     with ResourceMonitor() as mon:
         trainer.train_one_epoch(max_steps=steps)
     s = trainer.take_stats()
+    graphs_end = dynamo_graphs()
     wall = s.data_wait + s.step_time
     share = s.data_wait / max(wall, 1e-9)
-    return {"clips_per_s": s.clips / max(wall, 1e-9), "clips": s.clips,
+    clips_per_s = s.clips / max(wall, 1e-9)
+    # a clip's training FLOPs at this stage, from one real micro-batch (after the timing)
+    step_batch = next(iter(loader))
+    train_flops = train_step_flops(trainer, step_batch) / max(len(step_batch), 1)
+    achieved = clips_per_s * train_flops / 1e12
+    peak = peak_tflops(device)
+    compiled = compile_enabled(cfg.train, device)
+    # compilation time: the warm-up's wall time minus what its steps cost at the timed rate
+    steady = w.clips / max(clips_per_s, 1e-9)
+    return {"stage": stage, "trainable": sorted(STAGE_TRAINABLE[stage]),
+            "clips_per_s": clips_per_s, "clips": s.clips,
             "data_wait_share": share, "step_time_s": s.step_time, "data_wait_s": s.data_wait,
             "verdict": "data-bound" if share > DATA_BOUND_SHARE else "compute-bound",
+            "warmup_steps": warmup, "timed_steps": steps, "epoch_batches": epoch_batches,
+            # the timed window is one fresh pass of the loader (its start-up is timed, as at
+            # every epoch start) and never crosses an epoch's end: `steps` <= its batches
+            "epochs_in_window": s.clips / max(epoch_batches * B, 1),
+            "fwd_gflops_per_clip": fwd / 1e9, "train_gflops_per_clip": train_flops / 1e9,
+            "achieved_tflops": achieved, "peak_tflops": peak,
+            "mfu": achieved / peak if peak else None,
+            "compiled": compiled,
+            "compile_s": max(warm_wall - steady, 0.0) if compiled else None,
+            "graphs_compiled": graphs_warm - graphs0 if compiled else None,
+            "recompiles": graphs_end - graphs_warm if compiled else None,
             **mon.summary()}
 
 
 def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, steps: int,
                 warmup: int, source: str = "auto", progress=None,
-                dataset: dict | None = None) -> dict:
+                dataset: dict | None = None, stages: list[str] | None = None,
+                variant: str | None = None) -> dict:
+    """One row per (backend, stage); `stages` defaults to res3 (the costliest)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = copy.deepcopy(cfg)  # this bench's own settings: one optimizer step per batch
     cfg.train.accum_steps = 1
     cfg.tracking.wandb = False
     cfg.data.source = source
+    stages = stages or ["res3"]
+    backend_flags = apply_backend_flags(cfg, device)
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
     dtype = video_dtype(cfg, device)
     cl = flag(cfg.loader.channels_last, device)
     resolved = resolve_source(manifest, "auto") if manifest and source == "auto" else source
     results, unavailable = [], []
     described = None
-    task = progress.add_task("bench train", total=len(backends)) if progress else None
+    task = (progress.add_task("bench train", total=len(backends) * len(stages))
+            if progress else None)
     for backend in backends:
-        if backend == "synthetic":
-            n = B * (steps + warmup + 1)
-            loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
-                                            channels_last=cl)
-            why = ""
-        elif manifest is None:
-            why = "no dataset"
-        else:
-            why = (source_problem(manifest, resolved)
-                   or backend_problem(backend, manifest, cfg.data.train_split, resolved))
-            if not why:
-                _, loader, _ = build_loaders(cfg, manifest, device, Dist(), backend=backend)
-                if len(loader) < steps + warmup:
-                    why = (f"dataset too small: {len(loader)} batches < {steps + warmup} "
-                           "steps + warm-up")
-        if why:
-            unavailable.append({"backend": backend, "reason": why})
-        else:
-            row = {"backend": backend}
-            if backend != "synthetic":
-                described = described or describe_input(manifest, cfg.data.train_split,
-                                                        resolved)
-                row["input"] = described
-            results.append({**row, **measure(cfg, loader, device, steps, warmup)})
-        if progress:
-            progress.advance(task)
+        for stage in stages:
+            if backend == "synthetic":
+                n = B * (steps + warmup + 1)
+                loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
+                                                channels_last=cl)
+                why = ""
+            elif manifest is None:
+                why = "no dataset"
+            else:
+                why = (source_problem(manifest, resolved)
+                       or backend_problem(backend, manifest, cfg.data.train_split, resolved))
+                if not why:
+                    _, loader, _ = build_loaders(cfg, manifest, device, Dist(),
+                                                 backend=backend)
+                    if len(loader) < steps:
+                        why = (f"dataset too small: {len(loader)} batches per epoch < "
+                               f"{steps} timed steps")
+            if why:
+                if not any(u["backend"] == backend for u in unavailable):
+                    unavailable.append({"backend": backend, "reason": why})
+            else:
+                row = {"backend": backend}
+                if variant:
+                    row["variant"] = variant
+                if backend != "synthetic":
+                    described = described or describe_input(manifest, cfg.data.train_split,
+                                                            resolved)
+                    row["input"] = described
+                results.append({**row, **measure(cfg, loader, device, steps, warmup, stage)})
+            if progress:
+                progress.advance(task)
     amp = cfg.train.amp if device.type == "cuda" else "off"
     if dataset is None and manifest is not None:
         dataset = {"kind": "user", "root": str(manifest.base)}
     return {"env": environment(), "dataset": dataset, "input": described,
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
-                         "channels_last": cl, "compile": flag(cfg.train.compile, device),
+                         "channels_last": cl, "compile": compile_enabled(cfg.train, device),
+                         "compile_backend": cfg.train.compile_backend, **backend_flags,
                          "steps": steps, "warmup": warmup, "workers": cfg.loader.workers,
-                         "source": resolved, "data_bound_share": DATA_BOUND_SHARE},
+                         "source": resolved, "stages": stages,
+                         "data_bound_share": DATA_BOUND_SHARE, "flops": "2 per MAC"},
             "results": results, "unavailable": unavailable}
+
+
+def bench_train_ab(cfg: Config, manifest: Manifest | None, backends: list[str], *,
+                   quick: bool = False, **kw) -> dict:
+    """`--ab`: eager vs compiled, channels_last vs contiguous, fp16 vs bf16, one bench per
+    variant (AB_VARIANTS; `quick` skips the compiled one), merged: each row carries its
+    `variant` and `settings`."""
+    from meld_dali.config import apply_overrides
+
+    merged: dict | None = None
+    for name, overrides in AB_VARIANTS:
+        if quick and name == "compiled":
+            continue
+        report = bench_train(apply_overrides(cfg, overrides), manifest, backends,
+                             variant=name, **kw)
+        for r in report["results"]:
+            r["settings"] = {k: report["settings"][k]
+                             for k in ("amp", "channels_last", "compile")}
+        if merged is None:
+            merged = report
+            merged["settings"]["variants"] = [n for n, _ in AB_VARIANTS
+                                              if not (quick and n == "compiled")]
+        else:
+            merged["results"] += report["results"]
+    return merged
 
 
 def render_table(report: dict):
     s = report["settings"]
     kind = (report.get("dataset") or {}).get("kind")
     d = report.get("input")
+    ab = "variants" in s
     t = compact_table(f"trainer throughput{f', {kind} data' if kind else ''} (batch "
-                      f"{s['batch_size']}, T={s['num_frames']}, {s['crop_size']} px, amp "
-                      f"{s['amp']}, channels_last {s['channels_last']}, compile "
-                      f"{s['compile']}, GPU: {report['env']['gpu']}; PSS: peak memory of the "
+                      f"{s['batch_size']}, T={s['num_frames']}, {s['crop_size']} px"
+                      + ("" if ab else f", amp {s['amp']}, channels_last {s['channels_last']}"
+                                       f", compile {s['compile']}")
+                      + f", GPU: {report['env']['gpu']}; TFLOP/s: training FLOPs (2 per MAC) "
+                      "per second, MFU: of the dense fp16/bf16 peak; PSS: peak memory of the "
                       "process tree, GPU: peak device memory, both MB)",
                       f"{s['source']}: {input_label(d)}" if d else None)
-    for col in ("loader", "clips/s", "data wait", "verdict", "PSS", "GPU"):
-        t.add_column(col, justify="left" if col in ("loader", "verdict") else "right")
+    cols = ["loader", *(["variant"] if ab else []), "stage", "clips/s", "TFLOP/s", "MFU",
+            "data wait", "verdict", "PSS", "GPU"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("loader", "variant", "stage", "verdict")
+                     else "right")
     for r in report["results"]:
-        t.add_row(r["backend"], f"{r['clips_per_s']:.2f}", f"{r['data_wait_share']:.0%}",
-                  r["verdict"], f"{r['peak_mem_mb']:.0f}",
+        t.add_row(r["backend"], *([r.get("variant", "")] if ab else []), r["stage"],
+                  f"{r['clips_per_s']:.2f}", f"{r['achieved_tflops']:.2f}",
+                  f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-",
+                  f"{r['data_wait_share']:.0%}", r["verdict"], f"{r['peak_mem_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
     for u in report["unavailable"]:
-        t.add_row(u["backend"], "-", "-", f"n/a: {u['reason']}", "-", "-")
+        t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-",
+                  f"n/a: {u['reason']}", "-", "-")
     return t

@@ -147,6 +147,7 @@ def set_rng_state(state: dict) -> None:
 
 # Config keys that may change between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("train.epochs", "train.device", "train.checkpoint_every_steps",
+                     "train.compile", "train.compile_backend", "train.cudnn_benchmark",
                      "train.keep_last", "train.max_steps_per_epoch", "loader.", "tracking.",
                      "hub.", "data.root", "model.pretrained", "model.cache_dir")
 

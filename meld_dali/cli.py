@@ -315,25 +315,34 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
                 steps: int = typer.Option(5, min=1, help="timed optimizer steps"),
                 warmup: int = typer.Option(2, min=1,  # 0 would mean a full epoch
                                            help="warm-up steps (compilation included)"),
-                source: str = typer.Option("auto", help="auto|video|frames"),
+                source: str = typer.Option("auto", help="auto|video|frames|cache"),
                 config: Path = typer.Option(None, help="recipe (default: seed)"),
                 set_: list[str] = typer.Option([], "--set", help="override: section.key=v, "
                                                "e.g. train.amp=bf16 train.compile=false"),
                 json_out: Path = typer.Option(None, "--json", help="write results as JSON"),
                 save: bool = typer.Option(False, "--save", help="also write bench/results/"),
                 quick: bool = typer.Option(False, "--quick", help="small fast data set "
-                                           "(smoke tests, CI) instead of MELD-shaped 720p")):
-    """Trainer step throughput and data-wait share per loader."""
+                                           "(smoke tests, CI) instead of MELD-shaped 720p"),
+                stages: str = typer.Option("res3", help="recipe stages: all, or any of "
+                                           "head,res5,res4,res3 (one row per loader and stage)"),
+                ab: bool = typer.Option(False, "--ab", help="side by side: eager vs compiled, "
+                                        "channels_last vs contiguous, fp16 vs bf16")):
+    """Trainer step throughput, TFLOP/s, MFU and data-wait share per loader and stage."""
     from meld_dali.bench.train import bench_train as run
-    from meld_dali.bench.train import render_table
+    from meld_dali.bench.train import bench_train_ab, parse_stages, render_table
     from meld_dali.config import load_config
 
+    try:
+        stage_list = parse_stages(stages)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--stages") from None
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])
     manifest, dataset = (bench_data(data, cfg, quick) if set(_split(backends)) - {"synthetic"}
                          else (None, None))
     with progress() as p:
-        report = run(cfg, manifest, _split(backends), steps=steps, warmup=warmup,
-                     source=source, progress=p, dataset=dataset)
+        report = (bench_train_ab if ab else run)(
+            cfg, manifest, _split(backends), steps=steps, warmup=warmup, source=source,
+            progress=p, dataset=dataset, stages=stage_list)
     out.print(render_table(report))
     save_report(report, "train", report["settings"]["amp"], json_out, save)
 

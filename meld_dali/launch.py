@@ -44,6 +44,62 @@ def flag(value: str, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
+# GPU families (substrings of torch.cuda.get_device_name()) where `bench train --ab` measured
+# regional torch.compile faster than eager at the seed settings: train.compile=auto compiles
+# only there. Empty: on one H200 (batch 16) whole-model compile gave +3% (227 vs 220 clips/s)
+# after ~2 min of compilation, on an H100 (batch 8) it was slower (119 vs 164).
+COMPILE_FASTER: dict[str, str] = {}
+
+
+def compile_enabled(cfg_train, device: torch.device) -> bool:
+    """train.compile: true/false as given; auto = on only on a GPU family in COMPILE_FASTER."""
+    if cfg_train.compile != "auto":
+        return cfg_train.compile == "true"
+    if device.type != "cuda":
+        return False
+    name = torch.cuda.get_device_name(device)
+    return any(family in name for family in COMPILE_FASTER)
+
+
+def apply_backend_flags(cfg: Config, device: torch.device) -> dict:
+    """Process-wide backend switches for a run on `device`: cuDNN autotuning
+    (train.cudnn_benchmark; auto = on with CUDA). Returns what was set."""
+    bench = flag(cfg.train.cudnn_benchmark, device) and device.type == "cuda"
+    torch.backends.cudnn.benchmark = bench
+    return {"cudnn_benchmark": bench}
+
+
+# 32 ResBlocks share one forward code object (~16 shapes x frozen/trainable); dynamo's
+# default recompile limit (8) would silently leave the rest eager.
+RECOMPILE_LIMIT = 64
+
+
+def compile_regional(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each pytorchvideo ResBlock in place (regional compilation): blocks of the same
+    shape share compiled code, an unfreezing recompiles only the blocks whose gradients
+    change, and the batch dim is marked dynamic at each block's input so the short last
+    batch does not recompile. Stem, fusions, pooling and head stay eager (a small share of
+    the FLOPs). Parameters and state_dict keys are untouched. Returns the blocks compiled
+    (0 when already done)."""
+    import torch._dynamo
+    from pytorchvideo.models.resnet import ResBlock
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
+    n = 0
+    for block in model.modules():
+        if isinstance(block, ResBlock) and not getattr(block, "_meld_compiled", False):
+            compiled = torch.compile(block.forward, backend=backend)
+
+            def forward(x, _compiled=compiled):
+                torch._dynamo.maybe_mark_dynamic(x, 0)  # any batch size: one graph
+                return _compiled(x)
+
+            block.forward, block._meld_compiled = forward, True
+            n += 1
+    return n
+
+
 def video_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.loader.dtype != "auto":
         return getattr(torch, cfg.loader.dtype)
@@ -103,19 +159,20 @@ def init_distributed(dist: Dist, device: torch.device) -> torch.device:
 
 
 def net_factory(cfg: Config, device: torch.device, dist: Dist):
-    """model -> what runs forward: DDP-wrapped under torchrun, compiled when asked.
+    """model -> what runs forward: DDP-wrapped under torchrun, its ResBlocks compiled
+    (regionally, in place) when train.compile resolves on (`compile_enabled`).
 
     DDP registers only the parameters that require grad when it wraps, so the trainer
     re-wraps at each unfreezing: newly trainable blocks are then synchronized, frozen ones
     cost nothing, and no find_unused_parameters scan is needed."""
     def make(model: torch.nn.Module) -> torch.nn.Module:
+        if compile_enabled(cfg.train, device):  # in place, once; checkpoints unaffected
+            compile_regional(model, cfg.train.compile_backend)
         net = model
         if dist.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
-        if flag(cfg.train.compile, device):
-            net = torch.compile(net)  # checkpoints always hold the uncompiled `model`
         return net
     return make
 
@@ -197,6 +254,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
 
     device = init_distributed(dist, pick_device(cfg.train.device))
+    apply_backend_flags(cfg, device)
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
     manifest = open_manifest(cfg.data.root, console, cfg.loader.workers, dist)
     backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)

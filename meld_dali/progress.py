@@ -48,6 +48,8 @@ class PassProgress:
     `stop()`. Starting a pass ends the one before. Disabled (no console, or not the main
     rank): every call does nothing."""
 
+    LIVE_REFRESH_S = 1.0  # a live bar reads the (device-side) loss at most this often
+
     def __init__(self, console: Console | None, every: int = 50, enabled: bool = True):
         self.console, self.every = console, max(int(every), 1)
         self.enabled = enabled and console is not None
@@ -56,6 +58,7 @@ class PassProgress:
         self.label, self.total, self.unit = "", 0, "clips"
         self.t0, self.done0, self.items0 = 0.0, 0, None
         self.last = ""  # the latest figures (tests, and the plain form)
+        self._read_t = -float("inf")  # when due() last asked for fresh figures
 
     @property
     def live(self) -> bool:
@@ -68,6 +71,7 @@ class PassProgress:
             return
         self.label, self.total, self.unit = label, max(int(total), 0), unit
         self.t0, self.done0, self.items0 = time.perf_counter(), done, items
+        self._read_t = -float("inf")
         if self.console.is_terminal:
             width = max(3, min(20, self.console.width - 77))  # the figures fit 80 columns
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=width),
@@ -77,6 +81,19 @@ class PassProgress:
             self.task = self.bar.add_task(label, total=self.total or None, completed=done,
                                           figures="")
             self.bar.start()
+
+    def due(self, done: int) -> bool:
+        """Whether the figures shown after step `done` need fresh values (a live bar: at
+        most every `LIVE_REFRESH_S`; plain lines: every `every` steps and the last)."""
+        if not self.enabled:
+            return False
+        if self.bar is not None:
+            now = time.perf_counter()
+            if now - self._read_t >= self.LIVE_REFRESH_S or done == self.total:
+                self._read_t = now
+                return True
+            return False
+        return done % self.every == 0 or done == self.total
 
     def update(self, done: int, items: int, loss: float | None = None,
                lr: float | None = None, wait: float | None = None) -> None:

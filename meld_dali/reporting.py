@@ -33,11 +33,14 @@ class EpochReporter:
         self.bar.start(f"epoch {epoch}", total, done, clips)
 
     def progress(self, done: int, stats, lr: float) -> None:
-        """One micro-batch done; `stats` is the epoch's running EpochStats."""
+        """One micro-batch done; `stats` is the epoch's running EpochStats. Its loss lives
+        on the device: it is read (a GPU sync) only when the display is due to show it."""
         if self.bar.enabled:
             busy = stats.data_wait + stats.step_time
-            self.bar.update(done, stats.clips, loss=stats.loss_sum / max(stats.clips, 1),
-                            lr=lr, wait=stats.data_wait / busy if busy > 0 else 0.0)
+            if self.bar.due(done):
+                self._loss = stats.mean_loss()
+            self.bar.update(done, stats.clips, loss=getattr(self, "_loss", None), lr=lr,
+                            wait=stats.data_wait / busy if busy > 0 else 0.0)
 
     def eval_start(self, label: str, total: int):
         """An evaluation pass of `total` batches begins: the per-batch callback for

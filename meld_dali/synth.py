@@ -224,8 +224,16 @@ def _layout(out: Path, split: str) -> tuple[Path, Path]:
     return csv_dir / CSV_NAMES[split], out / split / VIDEO_DIRS[split]
 
 
-def synth(out_dir: str | Path, spec: SynthSpec, progress=None) -> dict:
-    """Write the dataset; return (and save as synth.json) a description incl. the faults."""
+def _render_write(job: tuple) -> None:
+    path, label, n, spec, seed = job
+    frames = render_clip(label, n, spec.width, spec.height, np.random.default_rng(seed),
+                         texture=spec.width * spec.height >= HD_PIXELS)
+    write_video(path, frames, spec.codec, spec.fps)
+
+
+def synth(out_dir: str | Path, spec: SynthSpec, progress=None, workers: int = 1) -> dict:
+    """Write the dataset; return (and save as synth.json) a description incl. the faults.
+    `workers` > 1 renders and encodes clips in that many processes (same output)."""
     if spec.codec not in CODECS:
         raise ValueError(f"codec must be one of {list(CODECS)}")
     if spec.width % 2 or spec.height % 2:
@@ -248,12 +256,11 @@ def synth(out_dir: str | Path, spec: SynthSpec, progress=None) -> dict:
     task = progress.add_task("synth clips", total=len(plan)) if progress else None
     rows: dict[str, list[list]] = {s: [] for s in SPLIT_SHARE}
     sr = 0
+    jobs = []
     for split, dia, utt, label, n in plan:
-        clip_rng = np.random.default_rng([spec.seed, dia, utt, list(SPLIT_SHARE).index(split)])
-        frames = render_clip(label, n, spec.width, spec.height, clip_rng,
-                             texture=spec.width * spec.height >= HD_PIXELS)
         _, vdir = _layout(out, split)
-        write_video(vdir / f"dia{dia}_utt{utt}.mp4", frames, spec.codec, spec.fps)
+        jobs.append((vdir / f"dia{dia}_utt{utt}.mp4", label, n, spec,
+                     [spec.seed, dia, utt, list(SPLIT_SHARE).index(split)]))
         start = 60.0 + 10 * dia + 4 * utt
         sr += 1 + (1 if rng.random() < 0.1 else 0)  # Sr No. has gaps
         emotion = EMOTIONS[label]
@@ -261,8 +268,18 @@ def synth(out_dir: str | Path, spec: SynthSpec, progress=None) -> dict:
         rows[split].append([sr, text, "Speaker", emotion, SENTIMENT[emotion], dia, utt,
                             1 + dia % 10, 1 + utt % 24, _fmt_time(start),
                             _fmt_time(start + n / spec.fps)])
-        if progress:
-            progress.advance(task)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_render_write, jobs, chunksize=1):
+                if progress:
+                    progress.advance(task)
+    else:
+        for job in jobs:
+            _render_write(job)
+            if progress:
+                progress.advance(task)
     if spec.faults:
         info["faults"] = _add_faults(out, spec, rows)
     for split, split_rows in rows.items():

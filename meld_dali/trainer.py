@@ -2,8 +2,9 @@
 
 `Trainer.train()` reads like the recipe; `train_one_epoch` is one screen. The loaders are
 any backend (they all yield Batch), the model is a plain nn.Module: no backend branches.
-Where checkpoints go (CheckpointSaver), what an epoch reports (EpochReporter) and how a
-split is scored (evaluation) live in their own modules; the Trainer only trains.
+The recipe's pieces (AdamW, OneCycle, early stopping, unfreezing) are in `recipe`; where
+checkpoints go (CheckpointSaver), what an epoch reports (EpochReporter) and how a split is
+scored (evaluation) live in their own modules; the Trainer only trains.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -23,78 +23,14 @@ from meld_dali.config import EMOTIONS, Config
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist, predict_loader, score, share_rank0_buffers
 from meld_dali.losses import FocalLoss, inverse_sqrt_weights
-from meld_dali.model import STAGES
+from meld_dali.recipe import (
+    EarlyStopping,
+    EpochStats,
+    build_optimizer,
+    build_scheduler,
+    stages_for_epoch,
+)
 from meld_dali.reporting import EpochReporter
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when weighted F1 has not improved by min_delta for `patience` epochs,
-    never before `min_epochs` epochs have run."""
-    patience: int
-    min_epochs: int
-    min_delta: float
-    best: float = -math.inf
-    bad_epochs: int = 0
-
-    def update(self, score: float) -> bool:
-        if score >= self.best + self.min_delta:
-            self.best, self.bad_epochs = score, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    def should_stop(self, epoch: int) -> bool:
-        return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.best, self.bad_epochs = sd["best"], sd["bad_epochs"]
-
-
-@dataclass
-class EpochStats:
-    loss_sum: float = 0.0
-    clips: int = 0
-    data_wait: float = 0.0
-    step_time: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {"train_loss": self.loss_sum / max(self.clips, 1), "train_clips": self.clips,
-                "data_wait_s": self.data_wait, "step_time_s": self.step_time,
-                "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
-
-    @classmethod
-    def from_state(cls, sd: dict) -> EpochStats:
-        known = {f.name for f in fields(cls)}  # older checkpoints held more fields
-        return cls(**{k: v for k, v in sd.items() if k in known})
-
-
-def stages_for_epoch(cfg_train, epoch: int) -> set[str]:
-    if not cfg_train.freeze_backbone:
-        return set(STAGES)
-    return {name for ep, name in cfg_train.unfreeze.items() if ep <= epoch}
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over every parameter (frozen ones included, so unfreezing resets nothing);
-    no weight decay on norms and biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.base_lr, betas=tuple(cfg.betas))
-
-
-def build_scheduler(opt, cfg, total_steps: int):
-    """OneCycle: base_lr -> max_lr over warmup_pct, cosine back down to base_lr."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.max_lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup_pct,
-        anneal_strategy=cfg.anneal, div_factor=cfg.max_lr / cfg.base_lr, final_div_factor=1.0,
-        cycle_momentum=False)
 
 
 class Trainer:
@@ -187,16 +123,18 @@ class Trainer:
             group = min(accum, total - group_start)  # the last group may be partial
             last_in_group = i + 1 == group_start + group
             with self._no_sync(not last_in_group):
-                loss = self.forward_backward(batch, 1.0 / group)  # .item(): a GPU sync point
+                loss = self.forward_backward(batch, 1.0 / group)  # a device tensor: no sync
             pending = not last_in_group
             if last_in_group:
                 self.optimizer_step()
             i = self.micro = i + 1
-            self.stats.loss_sum += loss * len(batch)
-            self.stats.clips += len(batch)
+            # perf (issue 15): the loss stays on the device; it is read (one GPU sync) only
+            # when progress prints, at the step log and at the end of the epoch. The
+            # progress call sits before the tick so a sync there counts as step time.
+            self.stats.add(loss, len(batch))
+            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             tick = time.perf_counter()
             self.stats.step_time += tick - now
-            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
             if last_in_group:
                 if self.agree_stop():  # DDP: every rank stops after the same optimizer step
                     return self.pause()
@@ -208,18 +146,21 @@ class Trainer:
         if pending:  # skipped clips left a group short: apply what was accumulated
             self.sync_grads()  # (DDP: that group's backwards ran under no_sync)
             self.optimizer_step()
+        self.stats.step_time += self._drain()  # perf: the epoch's sync point (queued GPU work)
         self.reporter.pass_end()
         self.epoch, self.micro = self.epoch + 1, 0
         loader.set_epoch(self.epoch)  # an epoch cut short still saves its position as done
         return False
 
-    def forward_backward(self, batch, scale: float) -> float:
+    def forward_backward(self, batch, scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its mean loss, detached, on the
+        device (reading it is a GPU sync: the caller decides when)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             logits = self.net(batch.video, batch.mask)
             loss = self.criterion(logits, batch.label)
         self.scaler.scale(loss * scale).backward()
-        return loss.item()
+        return loss.detach()
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -233,7 +174,7 @@ class Trainer:
         self.step += 1
         if self.step % self.cfg.tracking.log_every == 0:
             self.reporter.log_step(
-                {"train/loss_avg": self.stats.loss_sum / max(self.stats.clips, 1),
+                {"train/loss_avg": self.stats.mean_loss(),  # a sync once per log interval
                  "train/lr": self.scheduler.get_last_lr()[0],
                  "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
 
@@ -290,7 +231,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "micro_step": self.micro,
                 "early_stop": self.early.state_dict(),
-                "stages": sorted(self.model.trainable), "epoch_stats": asdict(self.stats),
+                "stages": sorted(self.model.trainable), "epoch_stats": self.stats.state(),
                 "history": self.history, "rng": ckpt_io.rng_state(),
                 "loader": self.train_loader.state_dict(),  # this rank's (rank 0's on disk)
                 "tracker_run_id": self.reporter.tracker.run_id, **self.rank_states()}
@@ -384,6 +325,14 @@ class Trainer:
     def sync_grads(self) -> None:
         """DDP: average gradients accumulated under no_sync (a group cut short)."""
         ev.average_grads(self.model, self.dist)
+
+    def _drain(self) -> float:
+        """Wait for the GPU's queued work (CUDA; nothing on CPU); returns the seconds."""
+        t = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.flush()
+        return time.perf_counter() - t
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce on the micro-steps inside an accumulation group."""

@@ -16,7 +16,8 @@ from meld_dali.config import Config, load_config
 from meld_dali.data.base import SyntheticLoader
 from meld_dali.errors import UserError
 from meld_dali.launch import build_trainer, run_training
-from meld_dali.trainer import EarlyStopping, Trainer, build_scheduler, stages_for_epoch
+from meld_dali.recipe import EarlyStopping, build_scheduler, stages_for_epoch
+from meld_dali.trainer import Trainer
 
 
 def test_onecycle_start_peak_end_and_warmup():

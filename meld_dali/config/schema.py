@@ -211,7 +211,14 @@ class TrainConfig(BaseModel):
     seed: Annotated[Int, Field(ge=0, lt=2**32)] = 0
     device: Annotated[Str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     amp: Annotated[Amp, BeforeValidator(_yaml_off)] = "fp16"  # off on CPU regardless
+    # torch.compile, regional (each pytorchvideo ResBlock; the batch dim dynamic). auto = on
+    # only on GPU families where it was measured faster than eager (launch.COMPILE_FASTER,
+    # empty for now): never a default slower than eager.
     compile: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # tests: eager
+    # torch.backends.cudnn.benchmark (cuDNN picks the fastest conv algorithm per shape):
+    # auto = on with CUDA
+    cudnn_benchmark: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     # epoch index -> stage name unfrozen at the start of that epoch (0-based epochs).
     # An epoch at or past train.epochs is allowed (train.epochs may grow on resume).
     unfreeze: Annotated[dict[NonNeg, Stage], AfterValidator(_unique_stages)] = Field(

@@ -1,0 +1,114 @@
+"""The recipe's pieces the Trainer is built from: AdamW and OneCycle, early stopping, the
+unfreezing schedule, and the running figures of an epoch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from meld_dali.model import STAGES
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when weighted F1 has not improved by min_delta for `patience` epochs,
+    never before `min_epochs` epochs have run."""
+    patience: int
+    min_epochs: int
+    min_delta: float
+    best: float = -math.inf
+    bad_epochs: int = 0
+
+    def update(self, score: float) -> bool:
+        if score >= self.best + self.min_delta:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        return epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.best, self.bad_epochs = sd["best"], sd["bad_epochs"]
+
+
+@dataclass
+class EpochStats:
+    """The running epoch's figures. The loss is summed on the training device (`add`: no
+    GPU sync per micro-batch) and read, one sync, only when a figure is wanted
+    (`mean_loss`, `as_dict`, `state`): by the progress display at its interval, the
+    per-step log, the end of the epoch and checkpoints.
+
+    `data_wait` is the time the loop spent blocked on the loader, `step_time` the rest
+    (launching forward/backward/optimizer, and GPU work wherever the CPU waited for it: at
+    a loss read, the optimizer step's scaler/log reads and the end-of-epoch sync). Their
+    sum is the epoch's wall time; the data-wait share is an upper bound on the GPU's
+    data starvation (GPU work still queued during a loader wait counts as wait)."""
+    loss_sum: float = 0.0
+    clips: int = 0
+    data_wait: float = 0.0
+    step_time: float = 0.0
+    pending: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def add(self, loss: torch.Tensor, clips: int) -> None:
+        """Count a micro-batch's mean loss (a device tensor) over `clips` clips; no sync."""
+        part = loss.detach().double() * clips  # float64 like the old Python float sum
+        self.pending = part if self.pending is None else self.pending + part
+        self.clips += clips
+
+    def flush(self) -> None:
+        """Move the device-side sum into `loss_sum` (the one GPU sync)."""
+        if self.pending is not None:
+            self.loss_sum += float(self.pending)
+            self.pending = None
+
+    def mean_loss(self) -> float:
+        self.flush()
+        return self.loss_sum / max(self.clips, 1)
+
+    def state(self) -> dict:
+        """Plain data (floats) for checkpoints."""
+        self.flush()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pending"}
+
+    def as_dict(self) -> dict:
+        return {"train_loss": self.mean_loss(), "train_clips": self.clips,
+                "data_wait_s": self.data_wait, "step_time_s": self.step_time,
+                "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
+
+    @classmethod
+    def from_state(cls, sd: dict) -> EpochStats:
+        known = {f.name for f in fields(cls)} - {"pending"}  # older ones held more fields
+        return cls(**{k: v for k, v in sd.items() if k in known})
+
+
+def stages_for_epoch(cfg_train, epoch: int) -> set[str]:
+    if not cfg_train.freeze_backbone:
+        return set(STAGES)
+    return {name for ep, name in cfg_train.unfreeze.items() if ep <= epoch}
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over every parameter (frozen ones included, so unfreezing resets nothing);
+    no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.base_lr, betas=tuple(cfg.betas))
+
+
+def build_scheduler(opt, cfg, total_steps: int):
+    """OneCycle: base_lr -> max_lr over warmup_pct, cosine back down to base_lr."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.max_lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup_pct,
+        anneal_strategy=cfg.anneal, div_factor=cfg.max_lr / cfg.base_lr, final_div_factor=1.0,
+        cycle_momentum=False)
