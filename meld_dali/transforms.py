@@ -1,4 +1,4 @@
-"""The augmentation spec for the CPU loader (torchvision.transforms.v2 functionals).
+"""The augmentation spec for the CPU loader (torchvision resize, OpenCV warp, torch).
 
 One draw of parameters per clip (`draw_params`), applied alike to every frame
 (`apply_clip`). The DALI graphs consume the same `AugParams` (fed per sample), so both
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 
 from meld_dali.config import DataConfig
 from meld_dali.sampling import clip_rng
+
+cv2.setNumThreads(1)  # one clip per DataLoader worker: no thread pool inside each warp
 
 
 @dataclass(frozen=True)
@@ -49,23 +53,46 @@ def crop_box(h: int, w: int, size: int, p: AugParams) -> tuple[int, int]:
     return top, left
 
 
+def rotation(p: AugParams, size: int) -> np.ndarray:
+    """The 2x3 map (source -> output pixel) of flip-then-rotate by p.angle degrees
+    counter-clockwise about the crop's centre (torchvision's and DALI's convention)."""
+    c = (size - 1) / 2
+    m = cv2.getRotationMatrix2D((c, c), p.angle, 1.0)
+    if p.flip:  # x -> size - 1 - x first
+        m = m @ np.array([[-1.0, 0, size - 1], [0, 1, 0], [0, 0, 1]])
+    return m
+
+
+def colour_affine(p: AugParams, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness/contrast then normalization as one affine map of the uint8 pixel x:
+    ((b * (0.5 + c * (x / 255 - 0.5))) - mean) / std = x * scale + shift, per channel."""
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    b, c = p.brightness, p.contrast
+    scale = b * c / (255 * std)
+    shift = (b * 0.5 * (1 - c) - mean) / std
+    return scale.view(3, 1, 1, 1), shift.view(3, 1, 1, 1)
+
+
 def apply_clip(frames: torch.Tensor, cfg: DataConfig, p: AugParams) -> torch.Tensor:
-    """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized."""
+    """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized.
+
+    Cheap where it can be (the CPU loader's cost on a clip cache is mostly here): no resize
+    when the frames already have the short side; flip and rotation in one OpenCV warp per
+    frame (~4x faster than torchvision's grid sampling, same map); colour and normalization
+    in one multiply-add."""
     if min(frames.shape[-2:]) != cfg.short_side:  # cached clips and frames are already there
         frames = F.resize(frames, [cfg.short_side], antialias=True)
-    x = frames
-    top, left = crop_box(x.shape[-2], x.shape[-1], cfg.crop_size, p)
-    x = F.crop(x, top, left, cfg.crop_size, cfg.crop_size)
-    if p.flip:
-        x = F.horizontal_flip(x)
+    S = cfg.crop_size
+    top, left = crop_box(frames.shape[-2], frames.shape[-1], S, p)
+    hwc = frames[..., top:top + S, left:left + S].permute(0, 2, 3, 1).numpy()  # [t, S, S, 3]
     if p.angle:
-        mode = (F.InterpolationMode.NEAREST if cfg.rotate_interp == "nearest"
-                else F.InterpolationMode.BILINEAR)
-        x = F.rotate(x, p.angle, interpolation=mode, fill=0)
-    x = x.float().div_(255)
-    if p.contrast != 1.0 or p.brightness != 1.0:
-        x = ((x - 0.5) * p.contrast + 0.5) * p.brightness
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.permute(1, 0, 2, 3).contiguous()
+        m = rotation(p, S)
+        interp = cv2.INTER_NEAREST if cfg.rotate_interp == "nearest" else cv2.INTER_LINEAR
+        hwc = np.stack([cv2.warpAffine(np.ascontiguousarray(f), m, (S, S), flags=interp,
+                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                        for f in hwc])
+    elif p.flip:
+        hwc = hwc[:, :, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(hwc)).permute(3, 0, 1, 2).contiguous()
+    scale, shift = colour_affine(p, cfg)
+    return torch.addcmul(shift, x.float(), scale)

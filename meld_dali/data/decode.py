@@ -103,8 +103,8 @@ def to_clip(frames: np.ndarray, cfg: DataConfig,
     exactly 0 in the T - k padded slots; mask bool [T], True for the k real frames)."""
     x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), cfg, params)
     k = x.shape[1]
-    video = torch.zeros(3, cfg.num_frames, cfg.crop_size, cfg.crop_size)
-    video[:, :k] = x
+    pad = cfg.num_frames - k
+    video = torch.cat([x, x.new_zeros(3, pad, *x.shape[2:])], dim=1) if pad else x
     mask = torch.zeros(cfg.num_frames, dtype=torch.bool)
     mask[:k] = True
     return video, mask

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
@@ -50,8 +50,19 @@ def collate(items) -> tuple[Batch | None, list[ClipFailure]]:
     if not good:
         return None, failures
     video, mask, label, index = zip(*good, strict=True)
-    return Batch(torch.stack(video), torch.stack(mask), torch.tensor(label, dtype=torch.int64),
+    return Batch(_stack(video), torch.stack(mask), torch.tensor(label, dtype=torch.int64),
                  torch.tensor(index, dtype=torch.int64)), failures
+
+
+def _stack(tensors) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker straight into shared memory (as default_collate
+    does), so the batch is not copied once more on its way to the main process."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.nbytes)
+    out = first.new(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 class _Remaining(Sampler):
