@@ -17,6 +17,7 @@ backbone has no backward through it, so no 3x-forward rule of thumb is used).
 from __future__ import annotations
 
 import copy
+import re
 import time
 
 import torch
@@ -82,7 +83,9 @@ def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    words = set(re.split(r"[\s\-]+", name))  # "NVIDIA L40S" is not an "L4"
+    return next((peak for key, peak in PEAK_TFLOPS
+                 if set(key.split()) <= words), None)
 
 
 def count_flops(fn) -> int:

@@ -127,12 +127,10 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
                   f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
-    from meld_dali.launch import dist_from_env
     from meld_dali.report import run_summary
 
-    if dist_from_env().main:
-        for part in run_summary(result["history"], result["run_dir"]):
-            console.print(part, highlight=False)
+    for part in run_summary(result["history"], result["run_dir"]):
+        console.print(part, highlight=False)
 
 
 def demo_data(root: Path) -> Path:
@@ -342,7 +340,7 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
     with progress() as p:
         report = (bench_train_ab if ab else run)(
             cfg, manifest, _split(backends), steps=steps, warmup=warmup, source=source,
-            progress=p, dataset=dataset, stages=stage_list)
+            progress=p, dataset=dataset, stages=stage_list, **({"quick": quick} if ab else {}))
     out.print(render_table(report))
     save_report(report, "train", report["settings"]["amp"], json_out, save)
 

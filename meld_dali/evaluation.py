@@ -52,10 +52,7 @@ def predict_loader(net: nn.Module, loader, device: torch.device, amp_dtype, dist
 def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: Dist):
     """All ranks' predictions, each clip once, in manifest order."""
     if dist.world > 1:
-        import torch.distributed as tdist
-
-        parts: list = [None] * dist.world
-        tdist.all_gather_object(parts, (labels, probs, rows))
+        parts = gather_objects((labels, probs, rows), dist)
         labels = torch.cat([p[0] for p in parts])
         probs = torch.cat([p[1] for p in parts])
         rows = torch.cat([p[2] for p in parts])

@@ -55,6 +55,11 @@ class EpochReporter:
         if self.enabled:
             (self.console.print if self.console else log.info)(msg)
 
+    @property
+    def records_steps(self) -> bool:
+        """Whether per-step figures go anywhere (this rank reports and a tracker runs)."""
+        return self.enabled and type(self.tracker) is not NullTracker
+
     def log_step(self, data: dict, step: int) -> None:
         if self.enabled:
             self.tracker.log(data, step)

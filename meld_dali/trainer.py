@@ -172,8 +172,8 @@ class Trainer:
         if self.scheduler.last_epoch < self.scheduler.total_steps:
             self.scheduler.step()
         self.step += 1
-        if self.step % self.cfg.tracking.log_every == 0:
-            self.reporter.log_step(
+        if self.reporter.records_steps and self.step % self.cfg.tracking.log_every == 0:
+            self.reporter.log_step(  # reads the loss and norm: a GPU sync per log interval
                 {"train/loss_avg": self.stats.mean_loss(),  # a sync once per log interval
                  "train/lr": self.scheduler.get_last_lr()[0],
                  "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
@@ -252,7 +252,8 @@ class Trainer:
         # older checkpoints had no micro_step: the loader position is the best guess there
         self.micro = sd.get("micro_step", sd["loader"]["consumed"] // self.cfg.train.batch_size)
         self.load_schedule(sd["scheduler"])
-        self.scaler.load_state_dict(sd["scaler"])
+        if sd["scaler"]:  # {} from a run without fp16 scaling (CPU, bf16): nothing to restore
+            self.scaler.load_state_dict(sd["scaler"])
         self.early.load_state_dict(sd["early_stop"])
         self.stats = EpochStats.from_state(sd["epoch_stats"])
         self.history = list(sd["history"])

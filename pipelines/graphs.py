@@ -44,7 +44,8 @@ def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: s
     resize shorter side -> crop -> flip -> rotate -> contrast/brightness -> normalize
     (fused as resize -> crop -> rotate -> flip+colour+normalize, see `dali_params`),
     returned as `layout` in `dtype`. Eval: resize -> center crop -> normalize.
-    `resize=False` when the input already has the configured shorter side (frame folders)."""
+    `resize=False` when the input already has the configured shorter side (frame folders, or a
+    clip cache at data.short_side)."""
     if resize:
         frames = fn.resize(frames, resize_shorter=cfg.short_side, antialias=True,
                            interp_type=types.INTERP_LINEAR)

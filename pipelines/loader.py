@@ -4,9 +4,8 @@ Every batch is a fixed slice of this rank's `ClipOrder` (B rows, like the CPU lo
 order, frame indices, augmentation draws and the position (epoch, clips consumed) are the
 CPU loader's. Three things keep the decoders fed:
 - the pipelines are built once and reset at each epoch (a rebuild only after a decode
-  failure, or when a pass was left unfinished);
-- files are read by a thread pool, `prefetch` batches ahead, never on the main thread's
-  critical path;
+  failure, or when a pass was left before its last batch);
+- files are read by a thread pool, `prefetch` batches ahead of the decoders;
 - `n_pipes` pipelines each decode a share of every batch (position p goes to pipeline
   p % n_pipes): one decode session cannot use more than one NVDEC engine, and the driver
   spreads simultaneous sessions over the engines. The shares are merged back in order.
@@ -18,6 +17,7 @@ pipelines rebuilt after it. Any other error (out of memory, a bug) surfaces.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline, dali_params
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from meld_dali.cache import nvdec_unsupported
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path
@@ -51,19 +52,20 @@ def decode_failure(e: RuntimeError) -> str | None:
     """The reason DALI gives when a decoder failed on the data, or None for any other error
     (out of memory, a bug in the graph or the source), which must surface, not be recovered."""
     text = str(e)
-    if not any(op in text for op in DECODERS):
+    if not any(op in text for op in DECODERS) or any(
+            s in text for s in ("out of memory", "CUDA error", "cudaError")):
         return None
     after = text.split("encountered:", 1)[-1]
     return next((ln.strip() for ln in after.splitlines() if ln.strip()), "decoder error")
 
 
 def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
-    """How many pipelines (decode sessions) to run: one per NVDEC engine for video on a GPU
-    whose engine count is known, else one."""
+    """How many pipelines (decode sessions) to run: for video on a GPU, one per NVDEC engine
+    (2 on a GPU not in the table); else one."""
     if device != "gpu" or kind != "video" or not torch.cuda.is_available():
         return 1
-    name = torch.cuda.get_device_name(device_index)
-    return max((n for key, n in NVDEC_ENGINES.items() if key in name.split()), default=2)
+    words = set(re.split(r"[\s\-]+", torch.cuda.get_device_name(device_index)))
+    return next((n for key, n in NVDEC_ENGINES.items() if key in words), 2)
 
 
 class FileReader:
@@ -75,13 +77,13 @@ class FileReader:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dali-read")
         self.pending: dict[tuple[int, int], Future] = {}
 
-    def read(self, row: int) -> list[np.ndarray]:
+    def read(self, epoch: int, row: int) -> list[np.ndarray]:
         s, m = self.loader.spec, self.loader.spec.manifest
         clip = m.clips[row]
         if self.loader.kind == "video":
             return [np.fromfile(clip_source_path(m, clip, s.source), dtype=np.uint8)]
         folder = clip_source_path(m, clip, s.source)
-        idx, mask = self.loader.indices(row)
+        idx, mask = self.loader.indices(row, epoch)
         files = [folder / f"{i:06d}.jpg" for i in idx[mask]]
         files += [files[-1]] * (len(idx) - len(files))  # padded slots: zeroed after decoding
         return [np.fromfile(f, dtype=np.uint8) for f in files]
@@ -89,10 +91,10 @@ class FileReader:
     def ahead(self, epoch: int, rows: list[int]) -> None:
         for r in rows:
             if (epoch, r) not in self.pending:
-                self.pending[(epoch, r)] = self.pool.submit(self.read, r)
+                self.pending[(epoch, r)] = self.pool.submit(self.read, epoch, r)
 
     def take(self, epoch: int, row: int) -> list[np.ndarray]:
-        fut = self.pending.pop((epoch, row), None) or self.pool.submit(self.read, row)
+        fut = self.pending.pop((epoch, row), None) or self.pool.submit(self.read, epoch, row)
         return fut.result()  # raises the read error, if any
 
     def clear(self) -> None:
@@ -116,10 +118,12 @@ class ShareSource:
         self.loader, self.share = weakref.proxy(loader), share
         self.i = 0
         self.failures: dict[int, list[ClipFailure]] = {}  # batch -> read failures
+        self.emitted: dict[int, list[int]] = {}  # batch -> rows sent, in order (-1: filler)
 
     def start(self) -> None:
         self.i = 0
         self.failures.clear()
+        self.emitted.clear()
 
     def __call__(self, info):
         L = self.loader
@@ -130,7 +134,7 @@ class ShareSource:
         for k in range(1, L.cfg.prefetch + 1):  # keep the readers ahead of the decoder
             L.reader.ahead(L.pass_epoch, L.batch_rows(i + k)[self.share::L.n_pipes])
         out: list[list] = [[], [], [], [], [], []]
-        fails = self.failures.setdefault(i, [])
+        fails, sent = self.failures.setdefault(i, []), self.emitted.setdefault(i, [])
         for row in rows[self.share::L.n_pipes]:
             try:
                 encoded = L.reader.take(L.pass_epoch, row)
@@ -140,8 +144,10 @@ class ShareSource:
                 fails.append(ClipFailure(row, path, f"{type(e).__name__}: {e}"))
                 continue
             L.add_samples(out, row, encoded)
-        if not out[0]:  # nothing of this share is readable: one placeholder, dropped later
-            L.add_samples(out, -1, L.reader.take(L.pass_epoch, L.placeholder_row(rows)))
+            sent.append(row)
+        if not out[0]:  # nothing of this share is readable: one filler clip, dropped later
+            L.add_samples(out, -1, L.filler(rows))
+            sent.append(-1)
         return out
 
 
@@ -157,8 +163,8 @@ class DaliLoader(ManifestLoader):
         self.kind = "frames" if spec.source == "frames" else "video"
         self.dali_dtype = DALI_DTYPES[spec.dtype]
         dev_index = spec.device.index or 0
-        self.n_pipes = n_pipes or cfg.dali_pipelines or auto_pipelines(device, self.kind,
-                                                                       dev_index)
+        wanted = n_pipes or cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
+        self.n_pipes = max(1, min(wanted, spec.batch_size))  # no pipeline without a clip
         self.reader = FileReader(self, cfg.workers)
         self.its: list[DALIGenericIterator] = []  # one per pipeline, run in lockstep
         self.sources: list[ShareSource] = []
@@ -169,10 +175,10 @@ class DaliLoader(ManifestLoader):
 
     # ------------------------------------------------------------------ samples
 
-    def indices(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, row: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         n = self.spec.manifest.clips[row].num_frames
         return clip_indices(n, self.data.num_frames, train=self.spec.train, seed=self.spec.seed,
-                            epoch=self.pass_epoch, clip=row)
+                            epoch=self.pass_epoch if epoch is None else epoch, clip=row)
 
     def add_samples(self, out: list[list], row: int, encoded: list[np.ndarray]) -> None:
         """One clip's samples (one per clip for video, one per frame for frame folders);
@@ -195,15 +201,16 @@ class DaliLoader(ManifestLoader):
             for col, value in zip(out, item, strict=True):
                 col.append(value)
 
-    def placeholder_row(self, rows: list[int]) -> int:
-        """A readable clip to stand in for a share with nothing readable (dropped after)."""
+    def filler(self, rows: list[int]) -> list[np.ndarray]:
+        """The bytes of a readable clip to stand in for a share with nothing readable (its
+        samples are dropped after decoding); `self.placeholder` is that clip's row."""
         for r in [*rows, *self.pass_rows]:
             try:
-                self.reader.take(self.pass_epoch, r)
+                encoded = self.reader.take(self.pass_epoch, r)
             except OSError:
                 continue
             self.placeholder = r
-            return r
+            return encoded
         raise RuntimeError("no readable clip left in this epoch")
 
     def batch_rows(self, i: int) -> list[int]:
@@ -270,17 +277,19 @@ class DaliLoader(ManifestLoader):
             self._start_pass()
             i = 0
             try:
-                while True:
+                while not self._clean:
                     try:  # the sources stop together: batch rows run out for every share
                         outs = [next(it)[0] for it in self.its]
                     except StopIteration:
                         self._clean = True
                         break
                     rows = self.batch_rows(i)
-                    self._report_read_failures(i)
+                    _, sent = self._take_records(i)
                     pos.consumed += len(rows)
                     i += 1
-                    batch = self._merge(outs, rows)
+                    batch = self._merge(outs, rows, sent)
+                    if not self.batch_rows(i):
+                        self._end_pass()
                     if batch is not None:
                         yield batch
             except RuntimeError as e:
@@ -290,7 +299,7 @@ class DaliLoader(ManifestLoader):
                 # a clip DALI could not decode: redo this batch on the CPU path, then build
                 # the pipelines again from the next batch
                 rows = self.batch_rows(i)
-                read_failed = self._report_read_failures(i)
+                read_failed, _ = self._take_records(i)
                 pos.consumed += len(rows)
                 self._close_pipelines()
                 batch = self._recover([r for r in rows if r not in read_failed], reason)
@@ -299,24 +308,44 @@ class DaliLoader(ManifestLoader):
                 continue
             break
 
-    def _report_read_failures(self, i: int) -> set[int]:
+    def _end_pass(self) -> None:
+        """After the pass's last batch, let the iterators reach their end now (the sources
+        have no rows left), so a consumer that stops right after that batch, as the trainer
+        does, still leaves pipelines that the next epoch resets instead of rebuilding."""
+        for it in self.its:
+            try:
+                next(it)
+            except StopIteration:
+                continue
+            raise RuntimeError("DALI produced a batch past the end of the pass")  # a bug
+        self._clean = True
+
+    def _take_records(self, i: int) -> tuple[set[int], list[int]]:
+        """Batch i's read failures (reported now) and the rows the shares sent, in the order
+        of the pipelines' outputs (-1 for a filler)."""
         failed = [f for src in self.sources for f in src.failures.pop(i, [])]
         for f in failed:
             self.report(f)
-        return {f.index for f in failed}
+        sent = [r for src in self.sources for r in src.emitted.pop(i, [])]
+        return {f.index for f in failed}, sent
 
-    def _merge(self, outs: list[dict], rows: list[int]) -> Batch | None:
-        """The pipelines' shares -> one Batch in the order of `rows` (placeholders dropped)."""
+    def _merge(self, outs: list[dict], rows: list[int], sent: list[int]) -> Batch | None:
+        """The pipelines' shares -> one Batch in the order of `rows`, fillers dropped. The
+        order is worked out on the host from what the sources sent: reading anything back
+        from the GPU here would wait for the training step queued before it."""
         parts = [self._clips_of(d) for d in outs]
-        video, mask, label, index = (torch.cat([p[k] for p in parts]) for k in range(4))
-        keep = index >= 0
-        if not bool(keep.any()):
-            return None
-        video, mask, label, index = video[keep], mask[keep], label[keep], index[keep]
+        video, mask, label, index = (parts[0] if len(parts) == 1 else
+                                     (torch.cat([p[k] for p in parts]) for k in range(4)))
         where = {r: k for k, r in enumerate(rows)}
-        order = torch.as_tensor(np.argsort([where[int(r)] for r in index.cpu()]),
-                                device=index.device)
-        video, mask, label, index = video[order], mask[order], label[order], index[order]
+        perm = sorted((k for k, r in enumerate(sent) if r >= 0), key=lambda k: where[sent[k]])
+        if not perm:
+            return None
+        if perm != list(range(len(sent))):
+            idx = torch.tensor(perm)
+            if video.is_cuda:
+                idx = idx.pin_memory().to(video.device, non_blocking=True)
+            video, mask, label, index = (t.index_select(0, idx)
+                                         for t in (video, mask, label, index))
         # padded slots: exactly 0 after normalization, like the CPU loader
         video = video * mask[:, None, :, None, None].to(video.dtype)
         return self.deliver(Batch(video, mask, label, index))
@@ -339,7 +368,7 @@ class DaliLoader(ManifestLoader):
         if not failures:  # DALI fails a batch as a whole: name the likely clips
             m = self.spec.manifest
             clips = [m.clips[r] for r in good_rows]
-            odd = [c for c in clips if c.pix_fmt not in (None, "yuv420p", "yuvj420p")]
+            odd = [c for c in clips if nvdec_unsupported(c.to_dict())]
             names = ", ".join(str(clip_source_path(m, c, self.spec.source))
                               for c in (odd or clips))
             log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",

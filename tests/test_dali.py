@@ -51,10 +51,17 @@ def test_dali_batch_contract(synth_vp9, frames):
 
 
 def run_epochs(loader, epochs):
+    """Each epoch as the trainer reads it: it stops right after the epoch's last batch,
+    without asking the loader for more."""
     out = []
     for e in range(epochs):
         loader.set_epoch(e)
-        out.append([(b.index.clone(), b.mask.clone(), b.video.clone()) for b in loader])
+        batches, n = [], len(loader)
+        for b in loader:
+            batches.append((b.index.clone(), b.mask.clone(), b.video.clone()))
+            if len(batches) == n:
+                break
+        out.append(batches)
     return out
 
 
@@ -190,10 +197,10 @@ def test_errors_that_are_not_decode_errors_surface(synth_vp9, monkeypatch):
 
     real = dali_loader.FileReader.read
 
-    def oom_on_third(self, row):
+    def oom_on_third(self, epoch, row):
         if row == self.loader.pass_rows[2]:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, row)
+        return real(self, epoch, row)
 
     monkeypatch.setattr(dali_loader.FileReader, "read", oom_on_third)
     dali, _ = pair(synth_vp9, bs=2)

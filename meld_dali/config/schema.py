@@ -128,7 +128,7 @@ class DataConfig(BaseModel):
     model_config = Section
 
     root: Str = ""  # dataset root or manifest file; "" = none given
-    # auto (the loader picks: frames when extracted, else video) | video | frames | cache
+    # auto (the clip cache when built, else frame folders when extracted, else the videos)
     source: Literal["auto", Source] = "auto"
     num_frames: Count = 32  # T
     crop_size: Count = 224
