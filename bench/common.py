@@ -241,8 +241,9 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
             shutil.rmtree(root)
         say(f"[bold]bench: synthesizing {spec.clips} {spec.codec} clips "
             f"({spec.width}x{spec.height}, {kind}) in {root}")
-        synth(root, spec, progress=progress)
-        prepare(root, frames=root / "frames", short_side=short_side, workers=2,
+        workers = max(1, min(16, os.cpu_count() or 1))  # 720p synthesis: ~1.3 CPU-s a clip
+        synth(root, spec, progress=progress, workers=workers)
+        prepare(root, frames=root / "frames", short_side=short_side, workers=workers,
                 progress=progress, cache=root / "cache", cache_codec=cache_codec)
         marker.write_text(json.dumps(want))
     mb = size_mb(root)
@@ -285,6 +286,14 @@ def input_label(d: dict) -> str:
     rate = d["mbit_per_s"]
     rate_s = f"{rate:.1f}" if rate >= 1 else f"{rate:.2f}"
     return f"{what}, {d['mean_frames']:.0f} frames/clip, {rate_s} Mbit/s"
+
+
+def with_unavailable(caption: str | None, report: dict) -> str | None:
+    """The caption plus one line per row that could not run (the reason, unwrapped by a
+    narrow column)."""
+    lines = [f"n/a {'/'.join(str(u[k]) for k in ('backend', 'source') if k in u)}: "
+             f"{u['reason']}" for u in report["unavailable"]]
+    return "\n".join([x for x in [caption, *lines] if x]) or None
 
 
 def compact_table(title: str, caption: str | None = None):

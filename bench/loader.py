@@ -22,6 +22,7 @@ from meld_dali.bench.common import (
     describe_input,
     environment,
     input_label,
+    with_unavailable,
 )
 
 from meld_dali.config import DataConfig, LoaderConfig
@@ -178,7 +179,7 @@ def render_table(report: dict):
                       f"workers/threads, T={s['num_frames']}, {s['crop_size']} px; PSS: peak "
                       "memory of the process tree, GPU: peak device memory, both MB"
                       f"{'; PSS+: growth over the soak' if soaked else ''})",
-                      caption(report))
+                      with_unavailable(caption(report), report))
     for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch", "CPU",
                 "PSS", "GPU") + (("PSS+",) if soaked else ()):
         t.add_column(col, justify="left" if col in ("backend", "source") else "right")
@@ -190,9 +191,8 @@ def render_table(report: dict):
                   f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
                   *((f"{r['soak']['mem_growth_mb']:+.0f}",) if soaked else ()))
-    for u in report["unavailable"]:
-        t.add_row(u["backend"], u["source"], f"n/a: {u['reason']}",
-                  *["-"] * (len(t.columns) - 3))
+    for u in report["unavailable"]:  # the reasons are in the caption
+        t.add_row(u["backend"], u["source"], "n/a", *["-"] * (len(t.columns) - 3))
     return t
 
 

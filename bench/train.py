@@ -27,6 +27,7 @@ from meld_dali.bench.common import (
     describe_input,
     environment,
     input_label,
+    with_unavailable,
 )
 
 from meld_dali.config import Config
@@ -287,7 +288,8 @@ def render_table(report: dict):
                       + f", GPU: {report['env']['gpu']}; TFLOP/s: training FLOPs (2 per MAC) "
                       "per second, MFU: of the dense fp16/bf16 peak; PSS: peak memory of the "
                       "process tree, GPU: peak device memory, both MB)",
-                      f"{s['source']}: {input_label(d)}" if d else None)
+                      with_unavailable(f"{s['source']}: {input_label(d)}" if d else None,
+                                       report))
     cols = ["loader", *(["variant"] if ab else []), "stage", "clips/s", "TFLOP/s", "MFU",
             "data wait", "verdict", "PSS", "GPU"]
     for col in cols:
@@ -300,6 +302,6 @@ def render_table(report: dict):
                   f"{r['data_wait_share']:.0%}", r["verdict"], f"{r['peak_mem_mb']:.0f}",
                   f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
     for u in report["unavailable"]:
-        t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-",
-                  f"n/a: {u['reason']}", "-", "-")
+        t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-", "n/a", "-",
+                  "-")  # the reasons are in the caption
     return t
