@@ -146,7 +146,7 @@ class ShareSource:
             L.add_samples(out, row, encoded)
             sent.append(row)
         if not out[0]:  # nothing of this share is readable: one filler clip, dropped later
-            L.add_samples(out, -1, L.filler(rows))
+            L.add_samples(out, *L.filler(rows), filler=True)
             sent.append(-1)
         return out
 
@@ -180,16 +180,16 @@ class DaliLoader(ManifestLoader):
         return clip_indices(n, self.data.num_frames, train=self.spec.train, seed=self.spec.seed,
                             epoch=self.pass_epoch if epoch is None else epoch, clip=row)
 
-    def add_samples(self, out: list[list], row: int, encoded: list[np.ndarray]) -> None:
-        """One clip's samples (one per clip for video, one per frame for frame folders);
-        row -1 marks a placeholder."""
+    def add_samples(self, out: list[list], row: int, encoded: list[np.ndarray],
+                    filler: bool = False) -> None:
+        """One clip's samples (one per clip for video, one per frame for frame folders); a
+        filler's samples carry index -1 and are dropped after decoding."""
         s, T = self.spec, self.data.num_frames
-        real = self.placeholder if row < 0 else row
-        clip = s.manifest.clips[real]
-        idx, mask = self.indices(real)
+        clip = s.manifest.clips[row]
+        idx, mask = self.indices(row)
         params = dali_params(draw_params(self.data, seed=s.seed, epoch=self.pass_epoch,
-                                         clip=real) if s.train else EVAL_PARAMS, self.data)
-        label, index = np.array(clip.label, np.int64), np.array(row, np.int64)
+                                         clip=row) if s.train else EVAL_PARAMS, self.data)
+        label, index = np.array(clip.label, np.int64), np.array(-1 if filler else row, np.int64)
         if self.kind == "video":
             # padded slots ask for frames past the end: the decoder fills them with 0
             idx = np.where(mask, idx, clip.num_frames + np.arange(T)).astype(np.int32)
@@ -201,16 +201,13 @@ class DaliLoader(ManifestLoader):
             for col, value in zip(out, item, strict=True):
                 col.append(value)
 
-    def filler(self, rows: list[int]) -> list[np.ndarray]:
-        """The bytes of a readable clip to stand in for a share with nothing readable (its
-        samples are dropped after decoding); `self.placeholder` is that clip's row."""
+    def filler(self, rows: list[int]) -> tuple[int, list[np.ndarray]]:
+        """(row, bytes) of a readable clip to stand in for a share with nothing readable."""
         for r in [*rows, *self.pass_rows]:
             try:
-                encoded = self.reader.take(self.pass_epoch, r)
+                return r, self.reader.take(self.pass_epoch, r)
             except OSError:
                 continue
-            self.placeholder = r
-            return encoded
         raise RuntimeError("no readable clip left in this epoch")
 
     def batch_rows(self, i: int) -> list[int]:

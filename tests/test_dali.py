@@ -101,6 +101,20 @@ def test_several_pipelines_equal_one(synth_vp9, frames):
     assert_same_batches(run_epochs(one, 1), run_epochs(three, 1))
 
 
+def test_several_pipelines_with_an_unreadable_clip_equal_one(synth_vp9, tmp_path):
+    """A share left with no readable clip decodes a filler that is dropped: the batches
+    still equal the single pipeline's, and the clip is reported once."""
+    root = tmp_path / "copy"
+    shutil.copytree(synth_vp9, root, ignore=shutil.ignore_patterns("frames"))
+    m = Manifest.load(root)
+    one, _ = pair(root, bs=3, over=["loader.dali_pipelines=1"])
+    missing = one.rows(0)[1]  # the first batch's second clip: pipeline 1's whole share
+    m.video_path(m.clips[missing]).unlink()
+    three, _ = pair(root, bs=3, over=["loader.dali_pipelines=3", "loader.workers=3"])
+    assert_same_batches(run_epochs(one, 1), run_epochs(three, 1))
+    assert [f.index for f in three.failures] == [missing] == [f.index for f in one.failures]
+
+
 @pytest.mark.parametrize("frames, tol", [(True, 1e-4), (False, 0.05)])
 def test_eval_values_match_cpu_loader(synth_vp9, frames, tol):
     """Frame folders: the same JPEG decoder and no resampling (frames are stored at the
