@@ -12,7 +12,7 @@ from meld_dali.data.torch_loader import TorchLoader
 from meld_dali.errors import UserError
 from meld_dali.manifest import Manifest
 
-DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
+DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}  # what DALI's CPU decoders take (jpeg: frames)
 
 
 def dali_available() -> tuple[bool, str]:
@@ -67,7 +67,7 @@ def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -
         return why
     if backend == "dali-gpu":
         return "" if torch.cuda.is_available() else "no CUDA device is visible"
-    bad = source_codecs(manifest, split, source) - DALI_CPU_CODECS - {"jpeg"}
+    bad = source_codecs(manifest, split, source) - DALI_CPU_CODECS
     return (f"DALI's CPU video decoder takes VP8/VP9/MJPEG only; this data is "
             f"{', '.join(sorted(bad))} (use dali-gpu, torch, a cache from `prepare --cache DIR "
             "--cache-codec mjpeg`, or frame folders from `prepare --frames`)") if bad else ""
