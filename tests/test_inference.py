@@ -1,6 +1,7 @@
 """evaluate and predict with a tiny trained checkpoint."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ def run(synth_root, tmp_path_factory):
         f"data.root={synth_root}"])
     d = tmp_path_factory.mktemp("inf") / "run"
     run_training(cfg, d)
-    return d
+    yield d
+    shutil.rmtree(d.parent)  # its checkpoints are ~400 MB each: gone once the module is done
 
 
 def test_evaluate_matches_the_trainers_last_eval(run, synth_root):

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import logging
+import shutil
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ def trained_run(synth_root, tmp_path_factory):
         "train.keep_last=2"])
     run = tmp_path_factory.mktemp("wb") / "run"
     result = run_training(cfg, run)
-    return run, result
+    yield run, result
+    shutil.rmtree(run.parent)  # five ~400 MB checkpoints: gone once the module is done
 
 
 def test_wandb_offline_run_holds_the_metrics(trained_run):
