@@ -7,7 +7,6 @@ complete one to resume from. A kill during a write leaves only a `*.tmp` behind.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,15 @@ import numpy as np
 import torch
 
 from meld_dali.errors import UserError
+from meld_dali.fileio import atomic_write
 
 FORMAT = "meld-dali-checkpoint"
 VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", keep_previous) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointSaver:

@@ -24,6 +24,7 @@ from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
 from meld_dali.clips import Clip
 from meld_dali.config import EMOTIONS, DataConfig
 from meld_dali.errors import UserError
+from meld_dali.fileio import atomic_write
 from meld_dali.meld import SPLITS, clip_path, find_sources, read_csv, unlabelled_files
 from meld_dali.probe import probe, run_parallel
 
@@ -143,12 +144,8 @@ class Manifest:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fingerprint(sources, paths: list[Path | None], frames: str | None, short_side: int,

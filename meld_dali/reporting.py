@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from meld_dali.curves import plot_curves
+from meld_dali.fileio import atomic_write
 from meld_dali.metrics import plot_confusion
 from meld_dali.progress import PassProgress
 from meld_dali.tracking import NullTracker
@@ -113,9 +113,8 @@ class EpochReporter:
         rows = path.read_text().splitlines()
         kept = [r for r in rows if r.strip() and json.loads(r)["epoch"] < epochs_done]
         if len(kept) != len(rows):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(r + "\n" for r in kept))
-            os.replace(tmp, path)
+            with atomic_write(path) as f:
+                f.write("".join(r + "\n" for r in kept))
 
     def finish(self) -> None:
         self.pass_end()

@@ -99,3 +99,20 @@ def test_saving_is_not_counted_as_data_wait(tmp_path):
     stats = tr.take_stats()
     assert (tmp_path / "last.pt").exists() and tr.step == 3
     assert stats.data_wait < 0.3, stats
+
+
+def test_a_write_killed_midway_leaves_the_old_file_whole(tmp_path):
+    """atomic_write (checkpoints, manifest, metrics): an error mid-write leaves the file it
+    would replace untouched, and keep_previous keeps the replaced one as `.prev`."""
+    from meld_dali.fileio import atomic_write
+
+    target = tmp_path / "last.pt"
+    ckpt_io.atomic_save({"step": 1}, target)
+    with pytest.raises(RuntimeError), atomic_write(target, "wb", keep_previous=True) as f:
+        f.write(b"half a checkpoint")
+        raise RuntimeError("killed")
+    assert torch.load(target)["step"] == 1
+    assert not (tmp_path / "last.prev.pt").exists()
+    ckpt_io.atomic_save({"step": 2}, target, keep_previous=True)
+    assert torch.load(target)["step"] == 2
+    assert torch.load(tmp_path / "last.prev.pt")["step"] == 1
