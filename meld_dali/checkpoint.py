@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from meld_dali.errors import UserError
-from meld_dali.fileio import atomic_write
+from meld_dali.fileio import atomic_write, link_or_copy
 
 FORMAT = "meld-dali-checkpoint"
 VERSION = 1
@@ -29,7 +29,9 @@ def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None
 class CheckpointSaver:
     """The run's checkpoint file policy (timm's CheckpointSaver is the model): `last.pt`
     (the one it replaces kept as `last.prev.pt`), `best.pt`, and optionally the newest
-    `keep_last` step-numbered copies; every write atomic. `on_best` runs after a new
+    `keep_last` step-numbered copies; every write atomic. `best.pt` and the step copies
+    are hard links to the `last.pt` just written (no second ~400 MB write): to slim one,
+    write a new file, never `torch.save` over it in place. `on_best` runs after a new
     best.pt is on disk (e.g. the Hub push). Only the main rank writes (enabled)."""
 
     def __init__(self, directory: str | Path, keep_last: int = 0, on_best=None,
@@ -46,14 +48,15 @@ class CheckpointSaver:
             return
         atomic_save(state, self.last, keep_previous=True)
         if self.keep_last:
-            atomic_save(state, self.dir / f"step{state['step']:08d}.pt")
+            link_or_copy(self.last, self.dir / f"step{state['step']:08d}.pt")
             for old in sorted(self.dir.glob("step*.pt"))[: -self.keep_last]:
                 old.unlink()
 
-    def save_best(self, state: dict) -> None:
+    def save_best(self) -> None:
+        """The last.pt just written becomes best.pt."""
         if not self.enabled:
             return
-        atomic_save(state, self.dir / "best.pt")
+        link_or_copy(self.last, self.dir / "best.pt")
         if self.on_best:
             self.on_best()
 

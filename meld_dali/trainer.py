@@ -218,7 +218,7 @@ class Trainer:
         self.reporter.epoch_end(row, metrics, predictions, improved)
         self.save_last()
         if improved and self.saver:
-            self.saver.save_best(self.state_dict())
+            self.saver.save_best()  # best.pt: a link to that last.pt
 
     def save_last(self) -> None:
         if self.saver:

@@ -116,3 +116,20 @@ def test_a_write_killed_midway_leaves_the_old_file_whole(tmp_path):
     ckpt_io.atomic_save({"step": 2}, target, keep_previous=True)
     assert torch.load(target)["step"] == 2
     assert torch.load(tmp_path / "last.prev.pt")["step"] == 1
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_best_and_step_copies_share_last_without_rewriting_it(tmp_path, monkeypatch, links):
+    """best.pt and step copies are the last.pt just written (hard links; a copy where the
+    filesystem has none); replacing last.pt later leaves them as they were."""
+    if not links:  # a filesystem without hard links (cannot be made here): os.link fails
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    saver = ckpt_io.CheckpointSaver(tmp_path, keep_last=1)
+    saver.save_last({"step": 1})
+    saver.save_best()
+    assert os.path.samefile(saver.last, tmp_path / "best.pt") == links
+    saver.save_last({"step": 2})
+    assert [torch.load(tmp_path / n)["step"] for n in
+            ("last.pt", "last.prev.pt", "best.pt", "step00000002.pt")] == [2, 1, 1, 2]
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "best.pt", "last.pt", "last.prev.pt", "step00000002.pt"}
