@@ -117,8 +117,9 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
     metrics = max(history, key=lambda r: r.get("weighted_f1", -1))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
-        torch.save(inference_state(ckpt), staged / "model.pt")
-        config = public_config(ckpt["config"])
+        model = inference_state(ckpt)
+        torch.save(model, staged / "model.pt")
+        config = model["config"]  # already public: no local paths
         (staged / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staged / "metrics.json").write_text(json.dumps(
             {"best": metrics, "history": history}, indent=2))

@@ -27,6 +27,7 @@ from PIL import Image
 
 from meld_dali.config import EMOTIONS
 from meld_dali.meld import CSV_HEADER, CSV_NAMES, VIDEO_DIRS
+from meld_dali.probe import run_parallel
 
 # MELD train class shares (shared/meld/README.md), in EMOTIONS order.
 CLASS_SHARE = {"neutral": 0.47, "surprise": 0.12, "fear": 0.027, "sadness": 0.068,
@@ -224,11 +225,12 @@ def _layout(out: Path, split: str) -> tuple[Path, Path]:
     return csv_dir / CSV_NAMES[split], out / split / VIDEO_DIRS[split]
 
 
-def _render_write(job: tuple) -> None:
+def _render_write(job: tuple) -> tuple[Path, None]:
     path, label, n, spec, seed = job
     frames = render_clip(label, n, spec.width, spec.height, np.random.default_rng(seed),
                          texture=spec.width * spec.height >= HD_PIXELS)
     write_video(path, frames, spec.codec, spec.fps)
+    return path, None  # run_parallel's (key, result)
 
 
 def synth(out_dir: str | Path, spec: SynthSpec, progress=None, workers: int = 1) -> dict:
@@ -253,7 +255,6 @@ def synth(out_dir: str | Path, spec: SynthSpec, progress=None, workers: int = 1)
             utt += 1
             if utt >= int(rng.integers(3, 10)):
                 dia, utt = dia + (2 if rng.random() < 0.05 else 1), 0  # gaps like MELD's
-    task = progress.add_task("synth clips", total=len(plan)) if progress else None
     rows: dict[str, list[list]] = {s: [] for s in SPLIT_SHARE}
     sr = 0
     jobs = []
@@ -268,18 +269,8 @@ def synth(out_dir: str | Path, spec: SynthSpec, progress=None, workers: int = 1)
         rows[split].append([sr, text, "Speaker", emotion, SENTIMENT[emotion], dia, utt,
                             1 + dia % 10, 1 + utt % 24, _fmt_time(start),
                             _fmt_time(start + n / spec.fps)])
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_render_write, jobs, chunksize=1):
-                if progress:
-                    progress.advance(task)
-    else:
-        for job in jobs:
-            _render_write(job)
-            if progress:
-                progress.advance(task)
+    for _ in run_parallel(_render_write, jobs, workers, progress, "synth clips"):
+        pass
     if spec.faults:
         info["faults"] = _add_faults(out, spec, rows)
     for split, split_rows in rows.items():

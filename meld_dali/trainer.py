@@ -174,7 +174,7 @@ class Trainer:
         self.step += 1
         if self.reporter.records_steps and self.step % self.cfg.tracking.log_every == 0:
             self.reporter.log_step(  # reads the loss and norm: a GPU sync per log interval
-                {"train/loss_avg": self.stats.mean_loss(),  # a sync once per log interval
+                {"train/loss_avg": self.stats.mean_loss(),
                  "train/lr": self.scheduler.get_last_lr()[0],
                  "train/grad_norm": float(norm), "epoch": self.epoch}, self.step)
 
@@ -225,6 +225,7 @@ class Trainer:
             self.saver.save_last(self.state_dict())
 
     def state_dict(self) -> dict:
+        ranks, me = self.rank_states(), self.dist.rank
         return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
                 "emotions": list(EMOTIONS), "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -232,9 +233,9 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "micro_step": self.micro,
                 "early_stop": self.early.state_dict(),
                 "stages": sorted(self.model.trainable), "epoch_stats": self.stats.state(),
-                "history": self.history, "rng": ckpt_io.rng_state(),
-                "loader": self.train_loader.state_dict(),  # this rank's (rank 0's on disk)
-                "tracker_run_id": self.reporter.tracker.run_id, **self.rank_states()}
+                "history": self.history, "tracker_run_id": self.reporter.tracker.run_id,
+                # this rank's loader and RNG (rank 0's on disk), then every rank's
+                "rng": ranks["rngs"][me], "loader": ranks["loaders"][me], **ranks}
 
     def rank_states(self) -> dict:
         """Every rank's loader position and RNG state, in rank order, and the world size:

@@ -16,7 +16,6 @@ from meld_dali.config.loading import (
     config_from_saved,
     dump_config,
     format_error,
-    from_dict,
     load_config,
     parse_override,
     validate,
@@ -43,5 +42,5 @@ from meld_dali.config.schema import (
 __all__ = ["AMP_MODES", "BACKENDS", "EMOTIONS", "SECTIONS", "SOURCES", "SPLITS", "STAGES",
            "Config", "DataConfig", "HubConfig", "LoaderConfig", "ModelConfig", "OptimConfig",
            "TrackingConfig", "TrainConfig", "apply_overrides", "builtin_config_path",
-           "config_from_saved", "dump_config", "format_error", "from_dict", "load_config",
+           "config_from_saved", "dump_config", "format_error", "load_config",
            "notes", "parse_override", "validate"]

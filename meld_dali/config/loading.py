@@ -113,11 +113,6 @@ def validate(d: Any, where: str = "config", text: str | None = None) -> Config:
         raise UserError(format_error(e, where, text)) from None
 
 
-def from_dict(d: dict[str, Any], where: str = "config") -> Config:
-    """Build a Config from a nested dict, checking every key and type."""
-    return validate(d, where)
-
-
 def config_from_saved(d: dict[str, Any], where: str = "saved config") -> Config:
     """The Config of a run folder's config.yaml or a checkpoint's `config` (a `to_dict()`).
 

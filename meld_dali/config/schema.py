@@ -1,12 +1,8 @@
-"""The config schema: one validated model per component (the recipe's every value).
+"""The config schema: one validated pydantic model per component (the recipe's every value).
 
-Each component receives only its own section (DataConfig, LoaderConfig, ...); nothing reaches
-into a global config. `Config` is just the bundle the CLI resolves and dumps to the run folder.
-
-The sections are pydantic models: every field has a type, its allowed choices (`Literal`) or
-range, unknown keys are errors (`extra="forbid"`), and assigning a field re-validates it. A YAML
-file, `--set` overrides and a checkpoint's saved config all go through the same validation; a
-failure becomes one `UserError` line naming the key, the value and what is allowed.
+Every field has a type, its allowed choices (`Literal`) or range, unknown keys are errors
+(`extra="forbid"`), and assigning a field re-validates it. How files, `--set` and saved
+configs reach it: `loading`.
 """
 
 from __future__ import annotations
