@@ -226,22 +226,21 @@ def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers:
             for old in root.glob(f"*/*{ext}"):
                 old.unlink(missing_ok=True)
         stamp.write_text(json.dumps(settings))
-    jobs = []
+    jobs, sources = [], {}
     for i, c in enumerate(clips):
         c.cache, c.cache_frames = "", 0
-        if c.status != "ok" or not c.num_frames:
+        if not c.loadable:
             continue
+        sources[i] = str((Path(manifest_dir) / c.path).resolve())
         size = (cache_size(c.width, c.height, spec.short_side)
                 if c.width and c.height else None)
-        jobs.append((i, str((Path(manifest_dir) / c.path).resolve()),
-                     str(root / spec.rel_path(c.split, c.clip_id)), asdict(spec),
-                     int(c.num_frames), size, reuse))
+        jobs.append((i, sources[i], str(root / spec.rel_path(c.split, c.clip_id)),
+                     asdict(spec), int(c.num_frames), size, reuse))
     built, reused, failures = 0, 0, []
     for i, res in run_parallel(cache_job, jobs, workers, progress, "cache clips"):
         c = clips[i]
         if res["error"]:
-            failures.append({"split": c.split, "clip": c.clip_id,
-                             "path": str((Path(manifest_dir) / c.path).resolve()),
+            failures.append({"split": c.split, "clip": c.clip_id, "path": sources[i],
                              "reason": res["error"]})
             continue
         c.cache = spec.rel_path(c.split, c.clip_id)
@@ -251,9 +250,8 @@ def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers:
     return {"built": built, "reused": reused, "failures": failures}
 
 
-def nvdec_unsupported(clip: dict) -> bool:
+def nvdec_unsupported(clip: Clip) -> bool:
     """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile)."""
-    if clip.get("codec") != "h264":
+    if clip.codec != "h264":
         return False
-    return (clip.get("pix_fmt") not in NVDEC_PIX_FMTS
-            or clip.get("profile") in NVDEC_BAD_PROFILES)
+    return clip.pix_fmt not in NVDEC_PIX_FMTS or clip.profile in NVDEC_BAD_PROFILES

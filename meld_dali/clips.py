@@ -33,10 +33,6 @@ class Clip:
     csv_seconds: float | None = None  # the CSV's end - start, for reference only
 
     @property
-    def key(self) -> str:
-        return f"{self.split}/{self.clip_id}"
-
-    @property
     def loadable(self) -> bool:
         return self.status == "ok" and self.num_frames > 0
 

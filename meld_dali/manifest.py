@@ -294,7 +294,7 @@ def build_report(m: Manifest, bad_rows: list[dict], unlabelled: list[str]) -> di
     problems = [{"split": c.split, "clip": c.clip_id, "path": str(m.video_path(c)),
                  "status": c.status, "reason": c.reason}
                 for c in m.clips if c.status != "ok"]
-    nvdec = [c for c in m.clips if c.status == "ok" and nvdec_unsupported(c.to_dict())]
+    nvdec = [c for c in m.clips if c.status == "ok" and nvdec_unsupported(c)]
     return {"manifest": str(m.path), "splits": counts, "problems": problems,
             "bad_rows": bad_rows, "unlabelled_files": unlabelled,
             "nvdec_unsupported": len(nvdec),

@@ -365,7 +365,9 @@ class DaliLoader(ManifestLoader):
         if not failures:  # DALI fails a batch as a whole: name the likely clips
             m = self.spec.manifest
             clips = [m.clips[r] for r in good_rows]
-            odd = [c for c in clips if nvdec_unsupported(c.to_dict())]
+            # the source's format names suspects only when the source is what DALI read
+            odd = ([c for c in clips if nvdec_unsupported(c)]
+                   if self.spec.source == "video" else [])
             names = ", ".join(str(clip_source_path(m, c, self.spec.source))
                               for c in (odd or clips))
             log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",

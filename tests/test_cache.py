@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from meld_dali.cache import CacheError, CacheSpec, cache_size, encode_clip, nvdec_unsupported
+from meld_dali.clips import Clip
 from meld_dali.data.decode import read_video_frames
 from meld_dali.manifest import prepare
 from meld_dali.probe import probe
@@ -107,8 +108,10 @@ def test_odd_sources_become_constant_rate_8bit_420(tmp_path):
     src = {k: probe(str(p)) for k, p in clips.items()}
     assert src["10bit"]["profile"] == "High 10" and src["10bit"]["pix_fmt"] == "yuv420p10le"
     assert src["444"]["profile"] == "High 4:4:4 Predictive"
-    assert nvdec_unsupported(src["10bit"]) and nvdec_unsupported(src["444"])
-    assert not nvdec_unsupported(src["vfr"])
+    as_clip = {k: Clip.from_dict({"clip_id": k, "split": "train", "emotion": "neutral",
+                                  "label": 0, **d}) for k, d in src.items()}
+    assert nvdec_unsupported(as_clip["10bit"]) and nvdec_unsupported(as_clip["444"])
+    assert not nvdec_unsupported(as_clip["vfr"])
     assert len(set(np.diff(stream_layout(clips["vfr"])["pts"]))) > 1  # really VFR
     for k, p in clips.items():
         n = src[k]["num_frames"]
