@@ -13,7 +13,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from meld_dali.config import DataConfig
-from meld_dali.transforms import AugParams
+from meld_dali.transforms import AugParams, colour_affine
 
 # columns of `dali_params`
 CROP_Y, CROP_X, FLIP, ANGLE = range(4)
@@ -26,15 +26,14 @@ def dali_params(p: AugParams, cfg: DataConfig) -> np.ndarray:
 
     - flip then rotate by a == rotate by -a then flip, so the flip can move into
       crop_mirror_normalize (one pass over the pixels instead of two);
-    - contrast/brightness b * (c0 + c * (x - c0)) followed by (y - m) / s is one affine map,
-      (x - m') / s' with m' = (m - b * c0 * (1 - c)) / (b * c), s' = s / (b * c): it becomes
-      the per-sample mean/std of the normalization, so colour costs nothing."""
-    c0 = 127.5
-    bc = p.brightness * p.contrast
-    mean = (255 * np.asarray(cfg.mean) - p.brightness * c0 * (1 - p.contrast)) / bc
-    std = 255 * np.asarray(cfg.std) / bc
+    - contrast/brightness then normalization is one affine map x * scale + shift
+      (`transforms.colour_affine`, the CPU loader's too) = (x - m') / s' with s' = 1 / scale,
+      m' = -shift / scale: the per-sample mean/std of the normalization, so colour costs
+      nothing."""
+    scale, shift = colour_affine(p, cfg)
+    std = 1 / scale
     angle = -p.angle if p.flip else p.angle
-    return np.concatenate([[p.crop_y, p.crop_x, float(p.flip), angle], mean, std]
+    return np.concatenate([[p.crop_y, p.crop_x, float(p.flip), angle], -shift * std, std]
                           ).astype(np.float32)
 
 

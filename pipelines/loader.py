@@ -155,15 +155,14 @@ class DaliLoader(ManifestLoader):
     """Yields Batch from DALI pipelines (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
     'cpu' = DALI's CPU operators). Same interface and position as the CPU loader."""
 
-    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, device: str,
-                 n_pipes: int | None = None):
+    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig, device: str):
         super().__init__(spec)
         self.data, self.cfg, self.device = data, cfg, device
         self.backend = f"dali-{device}"
         self.kind = "frames" if spec.source == "frames" else "video"
         self.dali_dtype = DALI_DTYPES[spec.dtype]
         dev_index = spec.device.index or 0
-        wanted = n_pipes or cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
+        wanted = cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
         self.n_pipes = max(1, min(wanted, spec.batch_size))  # no pipeline without a clip
         self.reader = FileReader(self, cfg.workers)
         self.its: list[DALIGenericIterator] = []  # one per pipeline, run in lockstep
