@@ -19,6 +19,7 @@ from typing import Any
 
 import av
 import numpy as np
+from PIL import Image
 
 from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
 from meld_dali.clips import Clip
@@ -38,10 +39,16 @@ STATUSES = ("ok", "missing", "unreadable", "empty")
 def extract_frames(video: str, dest: str, short_side: int) -> int:
     """Decode every frame, resize the shorter side to `short_side`, save JPEGs
     `000000.jpg ...` into `dest`. Written to `dest.tmp` and renamed: a folder that exists
-    is complete. Returns the number of frames written."""
+    is complete, and is kept if its frames have this short side (one JPEG header read);
+    one made at another short side is extracted again. Returns the number of frames."""
     d = Path(dest)
     if d.is_dir():
-        return len(list(d.glob("*.jpg")))
+        first = d / "000000.jpg"
+        if first.exists():
+            with Image.open(first) as img:
+                if min(img.size) == short_side:
+                    return len(list(d.glob("*.jpg")))
+        shutil.rmtree(d)
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

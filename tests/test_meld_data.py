@@ -148,6 +148,27 @@ def test_extracted_frames_are_what_the_decoder_sees(synth_root):
             np.abs(np.asarray(jpg, dtype=np.float32) - other).mean() or i == 0
 
 
+def test_frames_made_at_another_short_side_are_extracted_again(tmp_path):
+    """prepare --frames at short side 24, then 32 into the same folder: no stale 24-px
+    folder is reused (DALI would skip its resize on them), and a kept one is kept."""
+    synth(tmp_path, SynthSpec(clips=21, seed=4))
+    frames = tmp_path / "frames"
+
+    def sides(m):
+        return {min(Image.open(m.frames_path(c) / "000000.jpg").size)
+                for c in m.clips if c.frames}
+
+    m, _ = prepare(tmp_path, frames=frames, short_side=24, workers=1)
+    assert sides(m) == {24}
+    m, _ = prepare(tmp_path, frames=frames, short_side=32, workers=1)
+    assert sides(m) == {32} and all(c.frames for c in m.clips if c.status == "ok")
+    kept = next(c for c in m.clips if c.frames)
+    before = (m.frames_path(kept) / "000000.jpg").stat().st_mtime_ns
+    (tmp_path / "manifest.json").unlink()  # prepare again, same short side: folders reused
+    m, _ = prepare(tmp_path, frames=frames, short_side=32, workers=1)
+    assert (m.frames_path(kept) / "000000.jpg").stat().st_mtime_ns == before
+
+
 def test_synth_is_deterministic_and_meld_shaped(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     synth(a, SynthSpec(clips=25, seed=5, codec="mjpeg"))
