@@ -201,16 +201,19 @@ class ResourceMonitor:
 MELD_SHAPED = {"clips": 120, "codec": "h264", "width": 1280, "height": 720, "seed": 0}
 # --quick: small and fast, for smoke tests and CI (VP9: DALI's CPU decoder reads it).
 QUICK = {"clips": 48, "codec": "vp9", "width": 160, "height": 120, "seed": 0}
+# gpu_check on a lent GPU: 280 clips = 168 train = 10 batches of 16
+GPU_CHECK = {**MELD_SHAPED, "clips": 280}
+SPECS = {"meld-shaped": MELD_SHAPED, "quick": QUICK, "gpu-check": GPU_CHECK}
 DATA_ROOTS = {"meld-shaped": Path("runs") / "bench-data-720p",
               "quick": Path("runs") / "bench-data-quick"}
 MARKER = "bench-spec.json"
 
 
 def bench_spec(kind: str):
-    """The SynthSpec of a bench data set kind ("meld-shaped" or "quick")."""
+    """The SynthSpec of a bench data set kind ("meld-shaped", "quick" or "gpu-check")."""
     from meld_dali.synth import SynthSpec
 
-    return SynthSpec(**(QUICK if kind == "quick" else MELD_SHAPED))
+    return SynthSpec(**SPECS[kind])
 
 
 def size_mb(root: Path) -> float:
@@ -218,11 +221,13 @@ def size_mb(root: Path) -> float:
 
 
 def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, progress=None,
-                      say=print) -> tuple[Path, dict]:
-    """Synthesize (once) and prepare, with JPEG frame folders and a clip cache, the bench
-    set of `kind`; a changed spec, short side or cache codec regenerates it. The cache is
-    H.264 where a GPU can decode it (NVDEC), MJPEG elsewhere (DALI's CPU decoder reads it).
-    Returns (root, the dataset record)."""
+                      say=print, frames: bool = True) -> tuple[Path, dict]:
+    """Synthesize (once: a changed spec synthesizes again) and prepare, with JPEG frame
+    folders and a clip cache, the bench set of `kind`. The cache is H.264 where a GPU can
+    decode it (NVDEC), MJPEG elsewhere (DALI's CPU decoder reads it). `prepare` itself
+    reuses what still fits (its fingerprint covers the short side and the cache settings;
+    frame folders and cached clips made otherwise are made again). Returns (root, the
+    dataset record)."""
     import dataclasses
     import shutil
 
@@ -230,25 +235,23 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
     from meld_dali.synth import synth
 
     root = Path(root or DATA_ROOTS[kind])
-    spec = bench_spec(kind)
-    cache_codec = "h264" if torch.cuda.is_available() else "mjpeg"
-    want = {"spec": dataclasses.asdict(spec), "short_side": short_side,
-            "cache_codec": cache_codec}
+    spec = dataclasses.asdict(bench_spec(kind))
+    workers = max(1, min(16, os.cpu_count() or 1))  # 720p synthesis: ~1.3 CPU-s a clip
     marker = root / MARKER
-    have = json.loads(marker.read_text()) if marker.exists() else None
-    if have != want:
+    if not marker.exists() or json.loads(marker.read_text()).get("spec") != spec:
         if root.exists():
             shutil.rmtree(root)
-        say(f"[bold]bench: synthesizing {spec.clips} {spec.codec} clips "
-            f"({spec.width}x{spec.height}, {kind}) in {root}")
-        workers = max(1, min(16, os.cpu_count() or 1))  # 720p synthesis: ~1.3 CPU-s a clip
-        synth(root, spec, progress=progress, workers=workers)
-        prepare(root, frames=root / "frames", short_side=short_side, workers=workers,
-                progress=progress, cache=root / "cache", cache_codec=cache_codec)
-        marker.write_text(json.dumps(want))
+        say(f"[bold]bench: synthesizing {spec['clips']} {spec['codec']} clips "
+            f"({spec['width']}x{spec['height']}, {kind}) in {root}")
+        synth(root, bench_spec(kind), progress=progress, workers=workers)
+        marker.write_text(json.dumps({"spec": spec}))
+    cache_codec = "h264" if torch.cuda.is_available() else "mjpeg"
+    prepare(root, frames=root / "frames" if frames else None, short_side=short_side,
+            workers=workers, progress=progress, cache=root / "cache", cache_codec=cache_codec)
     mb = size_mb(root)
     say(f"bench data: {root} ({kind}, {mb:.0f} MB on disk)")
-    return root, {"kind": kind, "root": str(root), **want, "size_mb": mb}
+    return root, {"kind": kind, "root": str(root), "spec": spec, "short_side": short_side,
+                  "cache_codec": cache_codec, "size_mb": mb}
 
 
 def describe_input(manifest, split: str, source: str) -> dict:
