@@ -135,17 +135,20 @@ def dynamo_graphs() -> int:
 
 
 def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
-            stage: str = "res3") -> dict:
+            stage: str = "res3", flops: dict | None = None) -> dict:
     """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer) at
     one recipe stage: `warmup` optimizer steps (compilation included), then `steps` timed
-    ones."""
+    ones. `flops` keeps the FLOP counts between calls: they depend on the shapes and the
+    stage only, never on the backend or the pixels."""
+    flops = {} if flops is None else flops
     torch.manual_seed(0)
     model = build_model_on(cfg, device)
     model.set_trainable(STAGE_TRAINABLE[stage])
     trainer = Trainer(cfg, model, loader, loader, [1] * 7, device,
                       make_net=net_factory(cfg, device, Dist()))
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
-    fwd = forward_flops(model, T, S, device)
+    if "forward" not in flops:
+        flops["forward"] = forward_flops(model, T, S, device)
     graphs0 = dynamo_graphs()
     t0 = time.perf_counter()
     trainer.train_one_epoch(max_steps=warmup)  # warm-up (and compilation)
@@ -160,9 +163,12 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
     wall = s.data_wait + s.step_time
     share = s.data_wait / max(wall, 1e-9)
     clips_per_s = s.clips / max(wall, 1e-9)
-    # a clip's training FLOPs at this stage, from one real micro-batch (after the timing)
-    step_batch = next(iter(loader))
-    train_flops = train_step_flops(trainer, step_batch) / max(len(step_batch), 1)
+    if stage not in flops:  # a clip's training FLOPs at this stage (after the timing)
+        shaped = next(iter(SyntheticLoader.random(
+            B, T, S, B, device=device, dtype=video_dtype(cfg, device),
+            channels_last=flag(cfg.loader.channels_last, device))))
+        flops[stage] = train_step_flops(trainer, shaped) / B
+    train_flops = flops[stage]
     achieved = clips_per_s * train_flops / 1e12
     peak = peak_tflops(device)
     compiled = compile_enabled(cfg.train, device)
@@ -176,7 +182,8 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
             # the timed window is one fresh pass of the loader (its start-up is timed, as at
             # every epoch start) and never crosses an epoch's end: `steps` <= its batches
             "epochs_in_window": s.clips / max(epoch_batches * B, 1),
-            "fwd_gflops_per_clip": fwd / 1e9, "train_gflops_per_clip": train_flops / 1e9,
+            "fwd_gflops_per_clip": flops["forward"] / 1e9,
+            "train_gflops_per_clip": train_flops / 1e9,
             "achieved_tflops": achieved, "peak_tflops": peak,
             "mfu": achieved / peak if peak else None,
             "compiled": compiled,
@@ -204,38 +211,39 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
     resolved = resolve_source(manifest, "auto") if manifest and source == "auto" else source
     results, unavailable = [], []
     described = None
+    flops: dict = {}
     task = (progress.add_task("bench train", total=len(backends) * len(stages))
             if progress else None)
-    for backend in backends:
+    for backend in backends:  # one loader per backend, reused by every stage
+        why = ""
+        if backend == "synthetic":
+            n = B * (steps + warmup + 1)
+            loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
+                                            channels_last=cl)
+        elif manifest is None:
+            why = "no dataset"
+        else:
+            why = (source_problem(manifest, resolved)
+                   or backend_problem(backend, manifest, cfg.data.train_split, resolved))
+            if not why:
+                _, loader, _ = build_loaders(cfg, manifest, device, Dist(), backend=backend)
+                if len(loader) < steps:
+                    why = (f"dataset too small: {len(loader)} batches per epoch < "
+                           f"{steps} timed steps")
+        if why:
+            unavailable.append({"backend": backend, "reason": why})
+            if progress:
+                progress.advance(task, len(stages))
+            continue
+        row = {"backend": backend}
+        if variant:
+            row["variant"] = variant
+        if backend != "synthetic":
+            described = described or describe_input(manifest, cfg.data.train_split, resolved)
+            row["input"] = described
         for stage in stages:
-            if backend == "synthetic":
-                n = B * (steps + warmup + 1)
-                loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
-                                                channels_last=cl)
-                why = ""
-            elif manifest is None:
-                why = "no dataset"
-            else:
-                why = (source_problem(manifest, resolved)
-                       or backend_problem(backend, manifest, cfg.data.train_split, resolved))
-                if not why:
-                    _, loader, _ = build_loaders(cfg, manifest, device, Dist(),
-                                                 backend=backend)
-                    if len(loader) < steps:
-                        why = (f"dataset too small: {len(loader)} batches per epoch < "
-                               f"{steps} timed steps")
-            if why:
-                if not any(u["backend"] == backend for u in unavailable):
-                    unavailable.append({"backend": backend, "reason": why})
-            else:
-                row = {"backend": backend}
-                if variant:
-                    row["variant"] = variant
-                if backend != "synthetic":
-                    described = described or describe_input(manifest, cfg.data.train_split,
-                                                            resolved)
-                    row["input"] = described
-                results.append({**row, **measure(cfg, loader, device, steps, warmup, stage)})
+            results.append({**row, **measure(cfg, loader, device, steps, warmup, stage,
+                                             flops)})
             if progress:
                 progress.advance(task)
     amp = cfg.train.amp if device.type == "cuda" else "off"
