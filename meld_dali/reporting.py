@@ -65,7 +65,9 @@ class EpochReporter:
             self.tracker.log(data, step)
 
     def epoch_end(self, row: dict, metrics: dict, predictions: list[dict],
-                  improved: bool) -> None:
+                  improved: bool, history: list[dict]) -> None:
+        """`row` is the finished epoch's; `history` every epoch's so far (resumed ones
+        included: the rows of metrics.jsonl), for the curves."""
         self.pass_end()
         if not self.enabled:
             return
@@ -77,7 +79,7 @@ class EpochReporter:
             png = self.run_dir / f"confusion_epoch{epoch:03d}.png"
             plot_confusion(metrics["confusion"], png, f"dev, epoch {epoch}")
         self.tracker.log_epoch(metrics, row["step"], predictions, str(png) if png else None)
-        curves = self.write_curves()
+        curves = self.write_curves(history)
         if curves is not None:
             self.tracker.log_image("curves", str(curves), row["step"])
         self.say(f"epoch {epoch}: loss {row['train_loss']:.4f}  acc {metrics['accuracy']:.3f}  "
@@ -85,20 +87,13 @@ class EpochReporter:
                  f"  (all-neutral {metrics['baseline_weighted_f1']:.3f})  data-wait "
                  f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}")
 
-    def history(self) -> list[dict]:
-        """The rows of metrics.jsonl (resumed epochs included)."""
-        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
-        if not (path and path.exists()):
-            return []
-        return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
-
-    def write_curves(self) -> Path | None:
+    def write_curves(self, history: list[dict]) -> Path | None:
         """curves.png from the history rows; a plotting failure never stops training."""
         if self.run_dir is None:
             return None
         path = self.run_dir / "curves.png"
         try:
-            plot_curves(self.history(), path)
+            plot_curves(history, path)
         except Exception as e:  # noqa: BLE001 - a picture is not worth a lost run
             log.warning("could not draw %s: %s", path, e)
             return None

@@ -215,7 +215,7 @@ class Trainer:
                "lr": self.scheduler.get_last_lr()[0],
                "stages": sorted(self.model.trainable), "best": improved, **metrics}
         self.history.append(row)
-        self.reporter.epoch_end(row, metrics, predictions, improved)
+        self.reporter.epoch_end(row, metrics, predictions, improved, self.history)
         self.save_last()
         if improved and self.saver:
             self.saver.save_best()  # best.pt: a link to that last.pt

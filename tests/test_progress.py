@@ -138,9 +138,11 @@ def test_short_run_draws_curves_prints_progress_and_summary(synth_root, tiny_cfg
     seen = []
     orig = EpochReporter.write_curves
 
-    def spy(self):
-        path = orig(self)
-        seen.append((path.exists(), len(self.history())))
+    def spy(self, history):
+        path = orig(self, history)
+        on_disk = (run / "metrics.jsonl").read_text().splitlines()
+        assert history == [json.loads(r) for r in on_disk]  # the curves show what is logged
+        seen.append((path.exists(), len(history)))
         return path
 
     EpochReporter.write_curves = spy
