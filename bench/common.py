@@ -80,17 +80,15 @@ def tree_memory(procs) -> tuple[int, int]:
     have_pss = True
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            info = p.memory_info()
+            try:  # one read: the full info holds rss and shared too
+                info = p.memory_full_info()
+            except (psutil.AccessDenied, NotImplementedError):
+                info = p.memory_info()
             rss += info.rss
             shared = max(shared, getattr(info, "shared", 0))
-            try:
-                full = p.memory_full_info()
-            except (psutil.AccessDenied, NotImplementedError):
-                have_pss = False
-                continue
-            uss += getattr(full, "uss", 0)
-            if hasattr(full, "pss"):
-                pss += full.pss
+            uss += getattr(info, "uss", 0)
+            if hasattr(info, "pss"):
+                pss += info.pss
             else:
                 have_pss = False
     return rss, pss if have_pss else uss + shared
