@@ -69,6 +69,14 @@ def write_json(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def process_tree(proc: psutil.Process) -> list:
+    """`proc` and its children (loader workers), as far as they can still be listed."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
 def tree_memory(procs) -> tuple[int, int]:
     """(summed RSS, memory of the tree) in bytes for a list of psutil processes.
 
@@ -119,14 +127,16 @@ class ResourceMonitor:
                 pynvml.nvmlInit()
                 self._nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
                 self._pynvml = pynvml
+                # decode engines: (util %, sampling period); NVJPG only in recent nvidia-ml-py
+                self._engine_reads = {
+                    key: getattr(pynvml, fn) for key, fn in (
+                        ("nvdec_util", "nvmlDeviceGetDecoderUtilization"),
+                        ("nvjpg_util", "nvmlDeviceGetJpgUtilization")) if hasattr(pynvml, fn)}
             except Exception:  # noqa: BLE001
                 self._nvml = None
 
     def _tree(self):
-        try:
-            return [self.proc, *self.proc.children(recursive=True)]
-        except psutil.Error:
-            return [self.proc]
+        return process_tree(self.proc)
 
     def _cpu_seconds(self) -> float:
         total = 0.0
@@ -147,15 +157,11 @@ class ResourceMonitor:
                     float(self._pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu))
             except Exception:  # noqa: BLE001
                 pass
-            # decode engines: (util %, sampling period); NVJPG only in recent nvidia-ml-py
-            for key, fn in (("nvdec_util", "nvmlDeviceGetDecoderUtilization"),
-                            ("nvjpg_util", "nvmlDeviceGetJpgUtilization")):
-                get = getattr(self._pynvml, fn, None)
-                if get is not None:
-                    try:
-                        self.engines[key].append(float(get(self._nvml)[0]))
-                    except Exception:  # noqa: BLE001 - not supported on this GPU/driver
-                        pass
+            for key, get in self._engine_reads.items():
+                try:
+                    self.engines[key].append(float(get(self._nvml)[0]))
+                except Exception:  # noqa: BLE001 - not supported on this GPU/driver
+                    pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from meld_dali.bench.common import (
     ResourceMonitor,
@@ -22,6 +23,8 @@ from meld_dali.bench.common import (
     describe_input,
     environment,
     input_label,
+    process_tree,
+    tree_memory,
     with_unavailable,
 )
 
@@ -89,15 +92,14 @@ def soak(loader, epochs: int) -> dict:
     """Full epochs through a loader, the process tree's memory (PSS, and summed RSS) after
     each: a leak shows as growth after the first epoch (which includes start-up
     allocations)."""
-    mon = ResourceMonitor()
+    me = psutil.Process()
     rss, mem = [], []
     for _ in range(epochs):
         for _ in loader:
             pass
-        mon._sample()
-        rss.append(mon.peak_rss / 2**20)
-        mem.append(mon.peak_mem / 2**20)
-        mon.peak_rss = mon.peak_mem = 0
+        rss_b, mem_b = tree_memory(process_tree(me))
+        rss.append(rss_b / 2**20)
+        mem.append(mem_b / 2**20)
     second = min(1, len(rss) - 1)
     return {"mem_mb_per_epoch": mem, "rss_mb_per_epoch": rss,
             "mem_growth_mb": mem[-1] - mem[second] if mem else 0.0,
