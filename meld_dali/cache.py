@@ -85,11 +85,10 @@ class CacheSpec:
                           sort_keys=True)
 
     def meta(self, manifest_dir: Path) -> dict[str, Any]:
-        """`meta["cache"]` of the manifest: dir relative to the manifest folder."""
-        s = self.settings()
+        """`meta["cache"]` of the manifest: dir relative to the manifest folder, and the
+        settings the files were made with."""
         return {"dir": os.path.relpath(Path(self.dir).resolve(), Path(manifest_dir).resolve()),
-                "short_side": s["short_side"], "codec": s["codec"], "ext": s["ext"],
-                "crf": s.get("crf"), "gop": s["gop"], "qscale": s.get("qscale")}
+                **self.settings()}
 
     def rel_path(self, split: str, clip_id: str) -> str:
         return f"{split}/{clip_id}{self.ext}"
