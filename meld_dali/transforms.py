@@ -63,12 +63,12 @@ def rotation(p: AugParams, size: int) -> np.ndarray:
     return m
 
 
-def colour_affine(p: AugParams, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def colour_affine(p: AugParams, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Brightness/contrast then normalization as one affine map of the uint8 pixel x:
     ((b * (0.5 + c * (x / 255 - 0.5))) - mean) / std = x * scale + shift, per channel
     (float32 [3] each). The CPU loader applies it as one multiply-add; DALI's graph as the
     per-sample mean/std of its normalization (`pipelines.graphs.dali_params`)."""
-    mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
     b, c = p.brightness, p.contrast
     return b * c / (255 * std), (b * 0.5 * (1 - c) - mean) / std
 
@@ -94,5 +94,5 @@ def apply_clip(frames: torch.Tensor, cfg: DataConfig, p: AugParams) -> torch.Ten
     elif p.flip:
         hwc = hwc[:, :, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(hwc)).permute(3, 0, 1, 2).contiguous()
-    scale, shift = (torch.from_numpy(v).view(3, 1, 1, 1) for v in colour_affine(p, cfg))
+    scale, shift = (v.view(3, 1, 1, 1) for v in colour_affine(p, cfg))
     return torch.addcmul(shift, x.float(), scale)

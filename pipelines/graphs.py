@@ -30,7 +30,7 @@ def dali_params(p: AugParams, cfg: DataConfig) -> np.ndarray:
       (`transforms.colour_affine`, the CPU loader's too) = (x - m') / s' with s' = 1 / scale,
       m' = -shift / scale: the per-sample mean/std of the normalization, so colour costs
       nothing."""
-    scale, shift = colour_affine(p, cfg)
+    scale, shift = (v.double().numpy() for v in colour_affine(p, cfg))
     std = 1 / scale
     angle = -p.angle if p.flip else p.angle
     return np.concatenate([[p.crop_y, p.crop_x, float(p.flip), angle], -shift * std, std]
