@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from meld_dali.errors import UserError
+
 RESULTS_DIR = Path("bench") / "results"
 
 
@@ -235,23 +237,31 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
     import dataclasses
     import shutil
 
-    from meld_dali.manifest import prepare
+    from meld_dali.prepare import prepare
     from meld_dali.synth import synth
 
     root = Path(root or DATA_ROOTS[kind])
     spec = dataclasses.asdict(bench_spec(kind))
     workers = max(1, min(16, os.cpu_count() or 1))  # 720p synthesis: ~1.3 CPU-s a clip
     marker = root / MARKER
+    cache = root.with_name(root.name + "-cache")  # the cache lives outside the source tree
     if not marker.exists() or json.loads(marker.read_text()).get("spec") != spec:
-        if root.exists():
+        if not marker.exists() and root.is_dir() and any(root.iterdir()):
+            raise UserError(f"{root}: not empty and not a bench data set (no {MARKER}): "
+                            "choose a new folder for the bench data")
+        from meld_dali.cache import MARKER_NAME
+
+        if root.exists():  # the bench's own (its marker says so) or empty
             shutil.rmtree(root)
+        if (cache / MARKER_NAME).exists():  # a cache (only ever of this bench set)
+            shutil.rmtree(cache)
         say(f"[bold]bench: synthesizing {spec['clips']} {spec['codec']} clips "
             f"({spec['width']}x{spec['height']}, {kind}) in {root}")
         synth(root, bench_spec(kind), progress=progress, workers=workers)
         marker.write_text(json.dumps({"spec": spec}))
     cache_codec = "h264" if torch.cuda.is_available() else "mjpeg"
     prepare(root, frames=root / "frames" if frames else None, short_side=short_side,
-            workers=workers, progress=progress, cache=root / "cache", cache_codec=cache_codec)
+            workers=workers, progress=progress, cache=cache, cache_codec=cache_codec)
     mb = size_mb(root)
     say(f"bench data: {root} ({kind}, {mb:.0f} MB on disk)")
     return root, {"kind": kind, "root": str(root), "spec": spec, "short_side": short_side,

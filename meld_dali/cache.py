@@ -12,11 +12,17 @@ the source, so the sampling spec's indices mean the same frames; VFR sources get
 - mjpeg (`.avi`): every frame a JPEG (yuvj420p); the only cache DALI's CPU video decoder
   (VP8/VP9/MJPEG) can read.
 
-Each clip is written to `name.tmp{ext}` and renamed, so a file with its final name is
+Each clip is written to a unique temp file and renamed, so a file with its final name is
 complete; a killed build resumes and reuses every finished file whose probed frame count
-and size are right. `cache_settings.json` in DIR records the settings the files were made
-with; files made with other settings are never reused. A clip that cannot be re-encoded is
-reported (path and reason) and keeps its source row: nothing is lost silently.
+and size are right.
+
+The cache folder is the cache's own. `meld-dali-cache.json` marks a folder as a cache: a
+non-empty folder without it, or one inside the source tree, is refused (nothing of the
+user's is ever deleted). Each set of settings gets its own subfolder (`h264-s256-crf23-g16`
+with its `cache_settings.json`), so a `prepare` with other settings never removes the files
+another manifest reads; the only files ever deleted are this build's own unfinished ones. A
+build holds the folder's lock. A clip that cannot be re-encoded is reported (path and reason)
+and keeps its source row: nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from typing import Any
 import av
 
 from meld_dali.clips import Clip
+from meld_dali.errors import UserError
+from meld_dali.fileio import TMP_SUFFIX, FolderLock, atomic_write, temp_path
 from meld_dali.probe import probe, run_parallel
 
 # codec -> (encoder, pixel format, file extension)
 CACHE_CODECS = {"h264": ("libx264", "yuv420p", ".mp4"), "mjpeg": ("mjpeg", "yuvj420p", ".avi")}
-SETTINGS_NAME = "cache_settings.json"
-TMP_TAG = ".tmp"
+SETTINGS_NAME = "cache_settings.json"  # in each settings subfolder
+MARKER_NAME = "meld-dali-cache.json"  # in the cache folder: "this folder is a cache"
+MARKER = {"format": "meld-dali-cache", "version": 2}
 INTERPOLATION = "AREA"  # box filter down (antialiased), bilinear-like up
 # H.264 the GPU decoder (NVDEC) cannot take: anything but 8-bit 4:2:0
 NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "nv12")
@@ -84,10 +93,21 @@ class CacheSpec:
         return json.dumps({"dir": str(Path(self.dir).resolve()), **self.settings()},
                           sort_keys=True)
 
+    @property
+    def stamp(self) -> str:
+        """The settings subfolder's name: caches made with other settings live apart."""
+        tail = f"crf{self.crf}-g{self.gop}" if self.codec == "h264" else f"q{self.qscale}"
+        return f"{self.codec}-s{self.short_side}-{tail}"
+
+    @property
+    def files_dir(self) -> Path:
+        """Where this spec's files are: DIR/<stamp>."""
+        return Path(self.dir).resolve() / self.stamp
+
     def meta(self, manifest_dir: Path) -> dict[str, Any]:
-        """`meta["cache"]` of the manifest: dir relative to the manifest folder, and the
-        settings the files were made with."""
-        return {"dir": os.path.relpath(Path(self.dir).resolve(), Path(manifest_dir).resolve()),
+        """`meta["cache"]` of the manifest: the files' folder relative to the manifest
+        folder, and the settings the files were made with."""
+        return {"dir": os.path.relpath(self.files_dir, Path(manifest_dir).resolve()),
                 **self.settings()}
 
     def rel_path(self, split: str, clip_id: str) -> str:
@@ -104,10 +124,6 @@ def cache_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return even(width * scale), even(height * scale)
 
 
-def _tmp_path(dest: Path) -> Path:
-    return dest.with_name(dest.stem + TMP_TAG + dest.suffix)
-
-
 def encode_clip(src: str | Path, dest: str | Path, spec: CacheSpec,
                 expected_frames: int | None = None) -> int:
     """Re-encode one clip into `dest` (atomically); return the frames written.
@@ -116,7 +132,7 @@ def encode_clip(src: str | Path, dest: str | Path, spec: CacheSpec,
     differs from `expected_frames` (the manifest's), leaving no file at `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(dest)
+    tmp = temp_path(dest, dest.suffix)  # unique; the extension tells PyAV the container
     encoder, pix_fmt, _ = CACHE_CODECS[spec.codec]
     n = 0
     try:
@@ -144,6 +160,9 @@ def encode_clip(src: str | Path, dest: str | Path, spec: CacheSpec,
     except (av.FFmpegError, OSError, ValueError, IndexError) as e:
         tmp.unlink(missing_ok=True)
         raise CacheError(f"after {n} frames: {type(e).__name__}: {e}") from None
+    except BaseException:  # an interrupt: no torn file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     if expected_frames is not None and n != expected_frames:
         tmp.unlink(missing_ok=True)
         raise CacheError(f"decoded {n} frames, the manifest counts {expected_frames}")
@@ -182,13 +201,14 @@ def _reusable(dest: Path, expected: int, size: tuple[int, int] | None) -> int:
 
 
 def cache_job(args: tuple) -> tuple[int, dict[str, Any]]:
-    """Pool job: (key, src, dest, spec dict, expected frames, (w, h) or None, reuse) ->
-    (key, {"frames", "reused", "error"}). Never raises."""
-    key, src, dest, spec_d, expected, size, reuse = args
+    """Pool job: (key, src, dest, spec dict, expected frames, (w, h) or None) ->
+    (key, {"frames", "reused", "error"}). Never raises. `dest` is in the spec's own settings
+    folder: a file there that is not reusable was made by an earlier build of this cache."""
+    key, src, dest, spec_d, expected, size = args
     spec = CacheSpec(**spec_d)
     dest = Path(dest)
     try:
-        if reuse and (n := _reusable(dest, expected, size)):
+        if n := _reusable(dest, expected, size):
             return key, {"frames": n, "reused": True, "error": ""}
         dest.unlink(missing_ok=True)
         encode_clip(src, dest, spec, expected)
@@ -200,31 +220,65 @@ def cache_job(args: tuple) -> tuple[int, dict[str, Any]]:
     except CacheError as e:
         return key, {"frames": 0, "reused": False, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - a bad clip is reported, never fatal
-        _tmp_path(dest).unlink(missing_ok=True)
         return key, {"frames": 0, "reused": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers: int = 2,
-                progress=None) -> dict[str, Any]:
-    """Re-encode every `ok` clip (updating its row's `cache` / `cache_frames` in place).
-    Returns {"built", "reused", "failures": [{split, clip, path, reason}]}."""
+def claim_cache_dir(spec: CacheSpec, sources: list[Path]) -> None:
+    """Make sure the cache folder is the cache's own before anything is written there: a
+    new or empty folder is marked as a cache; one already marked (or made by an earlier
+    version: `cache_settings.json` at its top) is reused; anything else is refused, and so is
+    a folder inside (or holding) the source tree."""
+    root = Path(spec.dir).resolve()
+    for src in sources:
+        src = src.resolve()
+        if root == src or src in root.parents or root in src.parents:
+            raise UserError(f"--cache {spec.dir}: the cache folder must be outside the source "
+                             f"tree ({src}) and must not hold it: choose a separate folder, "
+                             "e.g. next to it")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--cache {spec.dir}: exists and is not a folder")
+    ours = (root / MARKER_NAME).exists() or (root / SETTINGS_NAME).exists()
+    if root.exists() and not ours and any(root.iterdir()):
+        raise UserError(f"--cache {spec.dir}: the folder is not empty and is not a meld-dali "
+                        f"cache (no {MARKER_NAME}); choose a new or empty folder: the cache "
+                        "never writes among other files")
+    if not (root / MARKER_NAME).exists():
+        with atomic_write(root / MARKER_NAME) as f:
+            json.dump(MARKER, f)
 
-    root = Path(spec.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stray in root.glob(f"*/*{TMP_TAG}.*"):  # torn writes of a killed build
-        stray.unlink(missing_ok=True)
-    stamp = root / SETTINGS_NAME
-    settings = spec.settings()
+
+def check_cache(files_dir: Path, settings: dict[str, Any]) -> str:
+    """Why a manifest's cache no longer matches the settings it recorded ('' when it does)."""
     try:
-        reuse = json.loads(stamp.read_text()) == settings
+        found = json.loads((files_dir / SETTINGS_NAME).read_text())
     except (OSError, json.JSONDecodeError):
-        reuse = False
-    if not reuse:  # files made with other settings are removed first, never reused
-        stamp.unlink(missing_ok=True)
-        for ext in {e for _, _, e in CACHE_CODECS.values()}:
-            for old in root.glob(f"*/*{ext}"):
-                old.unlink(missing_ok=True)
-        stamp.write_text(json.dumps(settings))
+        return f"{files_dir} is missing or has no readable {SETTINGS_NAME}"
+    if found != settings:
+        diff = [f"{k} {settings.get(k)!r} -> {found.get(k)!r}"
+                for k in sorted(set(found) | set(settings)) if found.get(k) != settings.get(k)]
+        return f"{files_dir} holds files made with other settings ({', '.join(diff)})"
+    return ""
+
+
+def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers: int = 2,
+                progress=None, sources: list[Path] = ()) -> dict[str, Any]:
+    """Re-encode every `ok` clip (updating its row's `cache` / `cache_frames` in place) into
+    the settings subfolder of the cache folder, holding the folder's lock. `sources`: the
+    folders the source videos live in (the cache must be outside them).
+    Returns {"built", "reused", "failures": [{split, clip, path, reason}]}."""
+    claim_cache_dir(spec, list(sources))
+    with FolderLock(spec.dir, "clip cache"):
+        return _build(clips, manifest_dir, spec, workers, progress)
+
+
+def _build(clips, manifest_dir, spec: CacheSpec, workers, progress) -> dict[str, Any]:
+    files = spec.files_dir
+    files.mkdir(parents=True, exist_ok=True)
+    for stray in files.glob(f"*/*{TMP_SUFFIX}{spec.ext}"):  # torn writes of a killed build
+        stray.unlink(missing_ok=True)
+    settings = spec.settings()
+    with atomic_write(files / SETTINGS_NAME) as f:
+        json.dump(settings, f)
     jobs, sources = [], {}
     for i, c in enumerate(clips):
         c.cache, c.cache_frames = "", 0
@@ -233,8 +287,8 @@ def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers:
         sources[i] = str((Path(manifest_dir) / c.path).resolve())
         size = (cache_size(c.width, c.height, spec.short_side)
                 if c.width and c.height else None)
-        jobs.append((i, sources[i], str(root / spec.rel_path(c.split, c.clip_id)),
-                     asdict(spec), int(c.num_frames), size, reuse))
+        jobs.append((i, sources[i], str(files / spec.rel_path(c.split, c.clip_id)),
+                     asdict(spec), int(c.num_frames), size))
     built, reused, failures = 0, 0, []
     for i, res in run_parallel(cache_job, jobs, workers, progress, "cache clips"):
         c = clips[i]

@@ -2,7 +2,8 @@
 
 `last.pt` is replaced atomically; the one it replaces is kept as `last.prev.pt`, so a
 checkpoint spoilt after the fact (disk trouble, a manual copy gone wrong) still leaves a
-complete one to resume from. A kill during a write leaves only a `*.tmp` behind.
+complete one to resume from. A kill during a write leaves only a `*.tmp` behind; a full disk
+leaves nothing behind but a one-line error.
 """
 
 from __future__ import annotations
@@ -21,9 +22,35 @@ FORMAT = "meld-dali-checkpoint"
 VERSION = 1
 
 
+class _WriteErrors:
+    """A file proxy that remembers the OSError a write raised: torch.save reports a failed
+    write as a RuntimeError of its zip writer, which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None:
+    """torch.save through atomic_write: a full disk is a one-line DiskFullError, the temp
+    file removed and the previous file intact."""
     with atomic_write(path, "wb", keep_previous) as f:
-        torch.save(obj, f)
+        w = _WriteErrors(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None  # atomic_write turns ENOSPC/EFBIG into one line
+            raise
 
 
 class CheckpointSaver:

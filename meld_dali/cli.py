@@ -91,7 +91,7 @@ def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpac
                                                        "DALI's CPU decoder)")):
     """Probe every labelled clip and write the manifest (and optionally frame folders
     and a re-encoded clip cache)."""
-    from meld_dali.manifest import prepare
+    from meld_dali.prepare import prepare
     from meld_dali.report import print_report
 
     with progress() as p:

@@ -27,6 +27,7 @@ class Clip:
     codec: str | None = None
     pix_fmt: str | None = None
     profile: str | None = None  # e.g. High, High 10 (NVDEC cannot take High 10 or 4:4:4)
+    rotation: int = 0  # display rotation (degrees counterclockwise) the file asks for
     frames: bool = False  # a JPEG frame folder was extracted
     cache: str = ""  # re-encoded file, relative to the cache folder ("" = none)
     cache_frames: int = 0

@@ -1,39 +1,103 @@
-"""Atomic file writes: write `name.tmp`, fsync, rename over the target, fsync the folder.
+"""Safe file writes and folder locks: what keeps a user's files whole whatever happens.
 
-A reader (or a run resumed after a kill) sees the old file or the new one, never half of
-one; a kill mid-write leaves only a `*.tmp` behind. Checkpoints, the manifest and the
-metrics log all go through here.
+- `atomic_write`: write a uniquely named temp file in the target's folder, fsync, rename over
+  the target, fsync the folder. A reader (or a run resumed after a kill) sees the old file or
+  the new one, never half of one; two writers never share a temp file; a write that fails
+  (full disk, file too large, any error) removes its temp file and leaves the old file as it
+  was. Checkpoints, the manifest, the report, config.yaml and the metrics rewrite go here.
+- `append_line`: one fsynced line appended to a log (metrics.jsonl).
+- `FolderLock`: one process at a time writes a run folder, a cache or a manifest folder
+  (`fcntl.flock`, released by the kernel when the process dies, even by SIGKILL).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from meld_dali.errors import UserError
+
+# a kill mid-write leaves `name.<random>.tmp` (or `stem.<random>.tmp.ext` for media files)
+TMP_SUFFIX = ".tmp"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class DiskFullError(UserError):
+    """A write ran out of space (or past a file size limit): the message names the path and
+    the free space; the temporary file is gone and the previous file is intact."""
+
+
+def disk_full(path: str | Path, e: OSError) -> DiskFullError:
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    what = "no space left on the device" if e.errno == errno.ENOSPC else \
+        "file size limit reached" if e.errno == errno.EFBIG else "disk quota exceeded"
+    return DiskFullError(f"cannot write {path}: {what} ({free}); the previous file is "
+                         "intact: free some space and run the same command again")
+
+
+def temp_path(path: str | Path, suffix: str = "") -> Path:
+    """A new, unique, empty temp file beside `path` (`name.<random>.tmp<suffix>`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
+                               suffix=TMP_SUFFIX + suffix)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w",
                  keep_previous: bool = False) -> Iterator[IO]:
     """Open `path` for writing atomically. keep_previous: the file it replaces is kept as
-    `stem.prev.suffix` (a complete one to fall back to if the new one is spoilt later)."""
+    `stem.prev.suffix` (a complete one to fall back to if the new one is spoilt later).
+    ENOSPC/EFBIG/EDQUOT become a one-line DiskFullError; on any failure the temp file goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line and fsync it: a kill afterwards cannot take it back (a kill during it
+    leaves at most a torn last line, which readers drop)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e) from None
+        raise
+
+
+def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` itself durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -48,8 +112,8 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
     Safe because files written here are only ever replaced by a rename, never rewritten in
     place: replacing one later leaves the other as it was."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dst)
+    tmp.unlink()  # os.link wants a free name: a unique one nobody else will take
     try:
         os.link(src, tmp)
     except OSError:  # no hard links here (some network or FAT filesystems): copy
@@ -57,4 +121,69 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
             shutil.copyfileobj(s, d, 1 << 24)
         return
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
+
+
+def check_writable(folder: str | Path, what: str, hint: str) -> None:
+    """Fail before any work when `folder` (or the nearest existing parent it would be made
+    in) cannot be written: read-only mounts, missing permission. `hint` says what to do."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".meld-dali-write-test.")
+    except OSError as e:
+        why = "is read-only" if e.errno == errno.EROFS else \
+            f"cannot be written ({e.strerror})"
+        raise UserError(f"{what} {p} {why}: {hint}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as one process writes it (a run, a cache,
+    a manifest folder): `folder/.meld-dali.lock`, taken with `fcntl.flock`. A second
+    process gets a one-line UserError naming the holder's pid. The lock file stays (removing
+    it would race with a process opening it); the kernel drops the lock when the holder
+    closes it or dies, however it dies."""
+
+    NAME = ".meld-dali.lock"
+
+    def __init__(self, folder: str | Path, what: str):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / self.NAME
+        self._f: IO | None = None
+
+    def acquire(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held open: the open file is the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"{self.folder} is in use: another meld-dali process (pid "
+                            f"{holder}) is writing this {self.what}; wait for it to finish "
+                            "or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing drops the flock
+            self._f = None
+
+    @property
+    def held(self) -> bool:
+        return self._f is not None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -12,7 +12,7 @@ import torch
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, Config, config_from_saved
 from meld_dali.data.base import LoaderSpec
-from meld_dali.data.decode import read_clip, read_video_frames, to_clip
+from meld_dali.data.decode import read_clip, read_video_frames, to_clip, upright
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist, predict_loader
@@ -127,7 +127,7 @@ def predict_file(loaded: Loaded, path: str | Path) -> dict:
             raise ValueError(f"{info['status']}: {info['reason']}")
         n = info["num_frames"]
         idx, mask = sample_indices(n, cfg.num_frames, train=False)
-        raw = read_video_frames(path, idx[mask])
+        raw = upright(read_video_frames(path, idx[mask]), info.get("rotation", 0))
     except Exception as e:  # noqa: BLE001 - one bad file never stops the others
         return {"path": str(path), "error": f"cannot read video: {type(e).__name__}: {e}"}
     video, mask_t = to_clip(raw, cfg, EVAL_PARAMS)

@@ -20,8 +20,9 @@ from meld_dali.data.base import LoaderSpec
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist
-from meld_dali.manifest import MANIFEST_NAME, Manifest, prepare
+from meld_dali.manifest import MANIFEST_NAME, Manifest
 from meld_dali.model import build_model
+from meld_dali.prepare import prepare
 from meld_dali.reporting import EpochReporter
 from meld_dali.signals import stop_on_signals
 from meld_dali.tracking import build_tracker

@@ -63,9 +63,18 @@ def parse_time(text: str) -> float | None:
     return int(h) * 3600 + int(mi) * 60 + int(s) + int(ms.ljust(3, "0")) / 1000
 
 
+# MELD's utterances are short; a longer field is a broken file, but it is read (and its row
+# judged on its ids and label) rather than stopping the whole parse at csv's 128 KiB default
+CSV_FIELD_LIMIT = 1 << 30
+
+
 def read_csv(path: Path, split: str) -> ParsedCSV:
-    """Parse one MELD label CSV. Unknown emotions and broken ids go to `bad_rows`."""
+    """Parse one MELD label CSV. Unknown emotions, broken ids and repeated clips (the second
+    row of a dia/utt pair: it would train twice per epoch) go to `bad_rows`."""
     out = ParsedCSV()
+    first_line: dict[tuple[int, int], int] = {}
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    line = 1
     try:
         # utf-8 with C1 characters decodes fine; errors="replace" keeps a truly broken byte
         # in the free text from killing the parse (ids and labels are ASCII).
@@ -86,11 +95,18 @@ def read_csv(path: Path, split: str) -> ParsedCSV:
                 if emotion not in EMOTIONS:
                     out.bad_rows.append((line, f"dia{dia}_utt{utt}: unknown emotion {emotion!r}"))
                     continue
+                if (dia, utt) in first_line:
+                    out.bad_rows.append((line, f"dia{dia}_utt{utt}: duplicate row (first at "
+                                               f"line {first_line[dia, utt]}); ignored"))
+                    continue
+                first_line[dia, utt] = line
                 out.rows.append(Row(split, dia, utt, emotion,
                                     parse_time(rec.get("StartTime") or ""),
                                     parse_time(rec.get("EndTime") or "")))
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}:{line}: not a readable CSV ({e})") from None
     return out
 
 

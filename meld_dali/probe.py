@@ -31,16 +31,20 @@ def probe(path: str) -> dict[str, Any]:
                     "profile": s.codec_context.profile}
             claimed = int(s.frames or 0)
             packets = 0
-            first_ok = False
+            first = None
             for packet in c.demux(s):
                 if packet.size == 0:
                     continue
                 packets += 1
-                if not first_ok:
-                    first_ok = any(True for _ in packet.decode())
-            if not first_ok and packets:
+                if first is None:
+                    first = next(iter(packet.decode()), None)
+            if first is None and packets:
                 # a decoder may hold frames back until flushed
-                first_ok = any(True for _ in s.codec_context.decode(None))
+                first = next(iter(s.codec_context.decode(None)), None)
+            first_ok = first is not None
+            # display rotation (phone clips): MELD has none; prepare reports it, predict
+            # applies it
+            info["rotation"] = int(round(first.rotation)) % 360 if first_ok else 0
         n = packets
         if claimed and claimed != packets:
             n = count_decoded(str(p))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meld_dali.config import load_config
-from meld_dali.manifest import prepare
+from meld_dali.prepare import prepare
 from meld_dali.synth import SynthSpec, synth
 
 torch.set_num_threads(2)

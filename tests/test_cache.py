@@ -19,7 +19,7 @@ from rich.console import Console
 from meld_dali.cache import CacheError, CacheSpec, cache_size, encode_clip, nvdec_unsupported
 from meld_dali.clips import Clip
 from meld_dali.data.decode import read_video_frames
-from meld_dali.manifest import prepare
+from meld_dali.prepare import prepare
 from meld_dali.probe import probe
 from meld_dali.report import print_report
 from meld_dali.sampling import clip_indices
@@ -137,7 +137,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 def _mtimes(cache: Path) -> dict[str, int]:
-    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.glob("*/*.mp4")}
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.glob("*/*/*.mp4")}
 
 
 def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_path):
@@ -147,7 +147,8 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     m, rep = prepare(root, short_side=32, workers=1, cache=cache)
     ok = m.ok("train") + m.ok("dev") + m.ok("test")
     assert rep["cache"]["built"] == len(ok) and not rep["cache_failures"]
-    assert m.has_cache and m.cache_short_side == 32 and m.meta["cache"]["dir"] == "../cache"
+    assert m.has_cache and m.cache_short_side == 32
+    assert m.meta["cache"]["dir"] == "../cache/h264-s32-crf23-g16"  # one folder per settings
     assert m.meta["cache"] == {**m.meta["cache"], "codec": "h264", "crf": 23, "gop": 16}
     for i in ok:
         c = m.clips[i]
@@ -158,16 +159,17 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     for p in gone:
         p.unlink()
     before = _mtimes(cache)
-    torn = gone[0].with_name(gone[0].stem + ".tmp.mp4")
+    torn = gone[0].with_name(gone[0].name + ".x1y2z3.tmp.mp4")  # what temp_path names
     torn.write_bytes(b"\x00" * 100)
     time.sleep(0.01)
     m2, rep2 = prepare(root, short_side=32, workers=1, cache=cache)
     assert rep2["cache"]["built"] == 2 and rep2["cache"]["reused"] == len(ok) - 2
     after = _mtimes(cache)
     assert all(after[k] == v for k, v in before.items())  # finished files untouched
-    assert not list(cache.glob("*/*.tmp.*"))
+    assert not list(cache.rglob("*.tmp.*"))
     assert all(m2.cache_path(m2.clips[i]).exists() for i in ok)
-    # unchanged inputs and settings: reused as is; another short side: rebuilt
+    # unchanged inputs and settings: reused as is; another short side: built beside it,
+    # the first settings' files untouched (another manifest may read them)
     _, rep3 = prepare(root, short_side=32, workers=1, cache=cache)
     assert rep3["reused"]
     m4, rep4 = prepare(root, short_side=24, workers=1, cache=cache)
@@ -175,6 +177,7 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     assert m4.cache_short_side == 24
     c = m4.clips[ok[0]]
     assert min(probe(str(m4.cache_path(c)))[k] for k in ("width", "height")) == 24
+    assert _mtimes(cache) == {**after, **_mtimes(cache)}  # the s32 files are all still there
     # no cache asked: the manifest says so
     m5, _ = prepare(root, short_side=24, workers=1)
     assert not m5.has_cache and m5.cache_path(m5.clips[ok[0]]) is None
@@ -193,7 +196,7 @@ def test_clip_that_cannot_be_reencoded_is_reported_and_kept(tiny_root, tmp_path)
     assert probe(str(victim))["status"] == "ok"
     with pytest.raises(CacheError):
         encode_clip(victim, tmp_path / "x.mp4", CacheSpec(str(tmp_path), 32))
-    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.tmp.mp4").exists()
+    assert not (tmp_path / "x.mp4").exists() and not list(tmp_path.glob("*.tmp*"))
     m, rep = prepare(root, short_side=32, workers=1, cache=tmp_path / "cache")
     row = next(c for c in m.clips if c.clip_id == victim.stem and c.split == "dev")
     assert row.status == "ok" and row.cache == "" and m.cache_path(row) is None
@@ -279,7 +282,7 @@ def test_loaders_read_the_cache_like_the_source(tiny_root, tmp_path):
 
     root = tmp_path / "r"
     shutil.copytree(tiny_root, root)
-    prepare(root, short_side=36, workers=1, cache=root / "cache", cache_codec="mjpeg")
+    prepare(root, short_side=36, workers=1, cache=tmp_path / "cache", cache_codec="mjpeg")
     m = Manifest.load(root)
     assert resolve_source(m, "auto") == "cache"
     assert backend_problem("dali-cpu", m, "dev", "cache") == ""  # mjpeg: DALI's CPU decoder

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from meld_dali.config import EMOTIONS
-from meld_dali.manifest import Manifest, prepare
+from meld_dali.manifest import Manifest
 from meld_dali.meld import find_sources, parse_time, read_csv
+from meld_dali.prepare import prepare
 from meld_dali.synth import SynthSpec, synth
 
 from .conftest import MELD_CSV_DIR

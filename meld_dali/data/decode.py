@@ -70,6 +70,13 @@ def read_video_frames(path: str | Path, indices: np.ndarray,
     return np.stack(out)
 
 
+def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Frames [k, H, W, 3] turned as the file's display rotation asks (degrees
+    counterclockwise, a multiple of 90: what phones write)."""
+    quarter = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(frames, quarter, axes=(1, 2))) if quarter else frames
+
+
 def read_frame_folder(folder: str | Path, indices: np.ndarray) -> np.ndarray:
     folder = Path(folder)
     return np.stack([np.asarray(Image.open(folder / f"{i:06d}.jpg").convert("RGB"))
