@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meld_dali.config import BACKENDS, SPLITS
 from meld_dali.errors import UserError
+from meld_dali.signals import Interrupted, install_cli_handlers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="GPU-fed (NVIDIA DALI) SlowFast training for video emotion recognition "
@@ -122,7 +123,10 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
     if demo and not cfg.data.root:
         cfg.data.root = str(demo_data(Path("runs") / "demo-data"))
     run_dir = out_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    result = run_training(cfg, run_dir, resume=resume, console=console)
+    # no --config named: a resumed run takes its checkpoint's config (with these overrides),
+    # so the resume command the trainer prints always works
+    result = run_training(cfg, run_dir, resume=resume, console=console,
+                          overrides=None if config else overrides)
     if result["interrupted"] or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
@@ -354,11 +358,18 @@ def main(argv: list[str] | None = None) -> None:
                         handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("wandb", "urllib3", "matplotlib", "PIL", "fsspec", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGINT/SIGTERM outside training (prepare, synth, bench, a run being assembled): one
+    # line, finished work kept; training installs its own (finish the step, save, exit 0)
+    install_cli_handlers()
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except Interrupted as e:  # what was finished is kept: the same command resumes
+        console.print(f"interrupted ({e}): finished work is kept; run the same command to "
+                      "continue", highlight=False, soft_wrap=True)
+        sys.exit(143 if str(e) == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch import nn
 
 from meld_dali.checkpoint import load_data
 from meld_dali.config import STAGES, ModelConfig  # STAGES: backbone blocks, in order
+from meld_dali.errors import UserError
 
 log = logging.getLogger("meld_dali.model")
 
@@ -107,21 +108,33 @@ class SlowFastMELD(nn.Module):
 
     def load_pretrained(self, source: str, cache_dir: str = "") -> bool:
         """Load Kinetics-400 backbone weights from 'k400', a path, a URL or hf://repo/file.
-        Without network (or on any fetch failure) the model keeps its random init and says
-        so. Returns True when weights were loaded."""
+        "" = random init. A download that fails (no network is normal) keeps the random init
+        and says so; a local file that is missing or unreadable, or weights that match no
+        backbone tensor, are a UserError: a run that asked for them must not silently train
+        from scratch. Returns True when weights were loaded."""
         if not source:
             log.info("model: random init (no pretrained weights configured)")
             return False
+        remote = source == "k400" or source.startswith(("http://", "https://", "hf://"))
         try:
             state = _fetch_state(source, cache_dir)
-        except Exception as e:  # noqa: BLE001 - offline is normal: warn and go on
+        except Exception as e:  # noqa: BLE001 - offline is normal for a download
+            if not remote:
+                raise UserError(f"model.pretrained={source}: cannot load it ({type(e).__name__}"
+                                f": {str(e).splitlines()[0] if str(e) else ''}); set "
+                                "model.pretrained= (empty) for random init") from None
             log.warning("model: could not load pretrained weights from %s (%s); "
                         "continuing from random init", source, e)
             return False
-        state = state.get("model_state", state.get("model", state))
+        state = state.get("model_state", state.get("model", state)) \
+            if isinstance(state, dict) else {}
         own = self.state_dict()
-        usable = {k: v for k, v in state.items()
-                  if k in own and own[k].shape == v.shape and k.startswith("blocks.")}
+        usable = {k: v for k, v in state.items() if k in own and isinstance(v, torch.Tensor)
+                  and own[k].shape == v.shape and k.startswith("blocks.")}
+        if not usable:
+            raise UserError(f"model.pretrained={source}: no tensor in it matches the SlowFast "
+                            "R50 backbone (expected pytorchvideo's slowfast_r50 keys such as "
+                            "blocks.0.multipathway_blocks.0.conv.weight)")
         self.load_state_dict(usable, strict=False)
         backbone = [k for k in own if k.startswith("blocks.")]
         log.info("model: loaded %d/%d backbone tensors from %s", len(usable), len(backbone),

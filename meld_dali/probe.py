@@ -9,6 +9,8 @@ from typing import Any
 
 import av
 
+from meld_dali.signals import worker_init
+
 
 def probe(path: str) -> dict[str, Any]:
     """Frame count, fps, size, codec and pixel format of one clip; never raises.
@@ -70,7 +72,8 @@ def run_parallel(fn, jobs: list, workers: int, progress, label: str):
         results = map(fn, jobs)
         pool = None
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # workers ignore SIGINT/SIGTERM (the parent decides) and die with the parent
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
         results = pool.map(fn, jobs, chunksize=4)
     try:
         for key, *rest in results:

@@ -10,12 +10,13 @@ import logging
 from pathlib import Path
 
 from meld_dali.curves import plot_curves
-from meld_dali.fileio import atomic_write
+from meld_dali.fileio import append_line, atomic_write
 from meld_dali.metrics import plot_confusion
 from meld_dali.progress import PassProgress
 from meld_dali.tracking import NullTracker
 
 log = logging.getLogger("meld_dali.trainer")
+METRICS_NAME = "metrics.jsonl"
 
 
 class EpochReporter:
@@ -52,8 +53,13 @@ class EpochReporter:
         self.bar.stop()
 
     def say(self, msg: str) -> None:
-        if self.enabled:
-            (self.console.print if self.console else log.info)(msg)
+        """One message line; never wrapped (a path or a command in it stays copyable)."""
+        if not self.enabled:
+            return
+        if self.console:
+            self.console.print(msg, soft_wrap=True, highlight=False, markup=False)
+        else:
+            log.info(msg)
 
     @property
     def records_steps(self) -> bool:
@@ -73,9 +79,8 @@ class EpochReporter:
             return
         epoch = row["epoch"]
         png = None
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.run_dir is not None:  # fsynced: a kill after this cannot take the row back
+            append_line(self.run_dir / METRICS_NAME, json.dumps(row))
             png = self.run_dir / f"confusion_epoch{epoch:03d}.png"
             plot_confusion(metrics["confusion"], png, f"dev, epoch {epoch}")
         self.tracker.log_epoch(metrics, row["step"], predictions, str(png) if png else None)
@@ -99,17 +104,28 @@ class EpochReporter:
             return None
         return path
 
-    def rewind(self, epochs_done: int) -> None:
-        """Resuming from a checkpoint of `epochs_done` epochs (maybe `last.prev.pt`, older
-        than the newest rows): drop rows of epochs it does not hold, so none is doubled."""
-        path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
-        if not (self.enabled and path and path.exists()):
+    def restore_log(self, history: list[dict]) -> None:
+        """Resuming: metrics.jsonl becomes the checkpoint's history (the truth), one row per
+        epoch it holds. Rows of epochs it does not hold (a fallback to last.prev.pt) go, and
+        so does a torn last line (a kill mid-append), with a warning."""
+        path = self.run_dir / METRICS_NAME if self.run_dir is not None else None
+        if not (self.enabled and path):
             return
-        rows = path.read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r)["epoch"] < epochs_done]
-        if len(kept) != len(rows):
-            with atomic_write(path) as f:
-                f.write("".join(r + "\n" for r in kept))
+        want = "".join(json.dumps(row) + "\n" for row in history)
+        have = path.read_text() if path.exists() else ""
+        if have == want:
+            return
+        torn = 0
+        for line in have.splitlines():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+        if torn:
+            self.say(f"warning: {path}: dropped {torn} unreadable line(s) (a write cut short); "
+                     "the checkpoint's history rewrites it")
+        with atomic_write(path) as f:
+            f.write(want)
 
     def finish(self) -> None:
         self.pass_end()

@@ -1,24 +1,55 @@
-"""SIGINT/SIGTERM as a request to stop cleanly: the trainer finishes the current optimizer
-step, saves `last` and returns. A second signal interrupts at once."""
+"""Signals: the main process alone decides how a run stops.
+
+- Training: SIGINT/SIGTERM are a request to stop cleanly: the trainer finishes the current
+  optimizer step, saves `last` and returns. A second signal interrupts at once.
+- Everything else the CLI runs (prepare, synth, bench): a signal raises `Interrupted`, which
+  the CLI prints as one line; finished work (probed clips, cached files) is kept.
+- Worker processes (DataLoader workers, prepare's pool) ignore SIGINT/SIGTERM: a cluster's
+  preemption (SIGTERM to the whole process group) or Ctrl-C in a terminal (SIGINT to the
+  foreground group) reaches them too, and a worker that died of it would turn a clean stop
+  into a traceback. They die with their parent instead (PR_SET_PDEATHSIG), so a SIGKILLed
+  `prepare` leaves no orphan behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """A signal stopped a command; its argument is the signal's name."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_cli_handlers() -> None:
+    """SIGINT/SIGTERM raise Interrupted (the CLI reports it in one line)."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave them be
+        for s in STOP_SIGNALS:
+            signal.signal(s, _raise_interrupted)
 
 
 @contextlib.contextmanager
 def stop_on_signals(request_stop: Callable[[str], bool]):
     """`request_stop(name)` is called on the first signal; it returns False once a stop was
-    already requested, and the next signal then raises KeyboardInterrupt."""
+    already requested, and the next signal then raises Interrupted."""
     def handler(signum, frame):
         if not request_stop(signal.Signals(signum).name):
-            raise KeyboardInterrupt
+            raise Interrupted(signal.Signals(signum).name)
 
     old = {}
     try:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             old[s] = signal.signal(s, handler)
     except ValueError:  # not the main thread: no handlers
         pass
@@ -27,3 +58,17 @@ def stop_on_signals(request_stop: Callable[[str], bool]):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def worker_init(*_args) -> None:
+    """In a worker process: ignore SIGINT/SIGTERM (the parent decides), and die with the
+    parent (Linux: SIGKILL when it goes, however it goes)."""
+    parent = os.getppid()
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)

@@ -193,8 +193,10 @@ def _encoder_options(codec: str, width: int, height: int, fps: int) -> tuple[dic
              "bufsize": str(int(rate * 2))}, rate)
 
 
-def write_video(path: Path, frames: np.ndarray, codec: str = "h264", fps: int = 24) -> None:
-    """Encode uint8 [n, H, W, 3] frames with PyAV (n may be 0: an mp4 with no frames)."""
+def write_video(path: Path, frames: np.ndarray, codec: str = "h264", fps: int = 24,
+                rotation: int = 0) -> None:
+    """Encode uint8 [n, H, W, 3] frames with PyAV (n may be 0: an mp4 with no frames).
+    `rotation`: display rotation metadata (degrees counterclockwise), as phones write."""
     name, pix_fmt, _ = CODECS[codec]
     options, bit_rate = _encoder_options(codec, frames.shape[2], frames.shape[1], fps)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,8 @@ def write_video(path: Path, frames: np.ndarray, codec: str = "h264", fps: int = 
             stream.bit_rate = bit_rate
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
+        if rotation:
+            stream.set_display_rotation(rotation)
         if len(frames) == 0:
             out.start_encoding()  # write the header anyway: a valid mp4 with no frames
         for img in frames:

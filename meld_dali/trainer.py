@@ -63,6 +63,7 @@ class Trainer:
         self.stats = EpochStats()
         self.stop_requested = False
         self.history: list[dict] = []
+        self.run_lock = None  # the run folder's lock (launch.build_trainer takes it)
 
     def set_stages(self, stages: set[str]) -> None:
         if stages != self.model.trainable:
@@ -114,13 +115,17 @@ class Trainer:
         loader.set_epoch(self.epoch)
         i = self.micro  # > 0 when resumed mid-epoch (skipped clips never shift it)
         pending = False  # gradients accumulated but not yet applied
-        self.reporter.epoch_start(self.epoch, total, i, self.stats.clips)
+        self.reporter.epoch_start(self.epoch, total, min(i, total), self.stats.clips)
         tick = time.perf_counter()
-        for batch in self.in_step(loader):  # DDP: every rank runs the same micro-batches
+        # resumed at or past this run's end of the epoch (train.max_steps_per_epoch lowered
+        # on resume): the epoch is over, no micro-batch is read
+        batches = self.in_step(loader) if i < total else ()
+        for batch in batches:  # DDP: every rank runs the same micro-batches
             now = time.perf_counter()
             self.stats.data_wait += now - tick
             group_start = i - i % accum
             group = min(accum, total - group_start)  # the last group may be partial
+            assert group >= 1, f"accumulation group of {group} at micro-batch {i} of {total}"
             last_in_group = i + 1 == group_start + group
             with self._no_sync(not last_in_group):
                 loss = self.forward_backward(batch, 1.0 / group)  # a device tensor: no sync

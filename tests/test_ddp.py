@@ -21,6 +21,7 @@ from meld_dali.evaluation import Dist
 from meld_dali.inference import evaluate, load_for_inference
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.manifest import Manifest
+from tests.faults import corrupt_in_place
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +154,7 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert 2 * micro <= len(order) - 2, "SIGTERM landed too late in the epoch"
     bad = [m.video_path(m.clips[r]) for r in order[-2:]]
     for path in bad:
-        path.write_bytes(b"not a video")
+        corrupt_in_place(path)
     log = tmp_path / "run2.log"
     out = finish(torchrun_popen(run, root, log), log)
     assert "skipped clip" in out and all(p.name in out for p in bad), out[-4000:]

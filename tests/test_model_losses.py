@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from meld_dali.config import ModelConfig
+from meld_dali.errors import UserError
 from meld_dali.losses import FocalLoss, inverse_sqrt_weights
 from meld_dali.model import STAGES, SlowFastMELD, masked_time_pool
 
@@ -80,8 +81,16 @@ def test_unfreezing_flips_exactly_the_stage(model):
 
 def test_pretrained_offline_keeps_random_init(model, tmp_path, caplog):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert model.load_pretrained(str(tmp_path / "nope.pyth")) is False
+    # a download that fails (no network here) keeps the random init and says so
+    assert model.load_pretrained("http://127.0.0.1:9/k400.pyth") is False
     assert "random init" in caplog.text
+    # a configured local file that is not there, or matches no tensor, is an error
+    with pytest.raises(UserError, match="nope.pyth: cannot load it"):
+        model.load_pretrained(str(tmp_path / "nope.pyth"))
+    torch.save({"model_state": {"head.weight": torch.zeros(3)}}, tmp_path / "other.pyth")
+    with pytest.raises(UserError, match="no tensor in it matches"):
+        model.load_pretrained(str(tmp_path / "other.pyth"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     torch.save({"model_state": {k: v + 1 for k, v in before.items()
                                 if k.startswith("blocks.4.") and v.is_floating_point()}},
                tmp_path / "k400.pyth")

@@ -70,7 +70,8 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, synth_root):
     from meld_dali.model import SlowFastMELD
 
     model = SlowFastMELD(ModelConfig(hidden=[8, 8]))
-    assert model.load_pretrained(str(bad)) is False  # pretrained weights: refused, random init
+    with pytest.raises(UserError, match="cannot load it"):  # pretrained weights: refused
+        model.load_pretrained(str(bad))
     assert not marker.exists()
 
 

@@ -18,6 +18,7 @@ from meld_dali.errors import UserError
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.recipe import EarlyStopping, build_scheduler, stages_for_epoch
 from meld_dali.trainer import Trainer
+from tests.faults import corrupt_in_place
 
 
 def test_onecycle_start_peak_end_and_warmup():
@@ -158,6 +159,7 @@ def test_resume_equality_across_unfreezing(synth_root, tiny_cfg, tmp_path):
     straight = run_training(tiny_cfg, tmp_path / "a")
     trainer, _ = build_trainer(tiny_cfg, tmp_path / "b")
     trainer.train(until_epoch=1)
+    trainer.run_lock.release()  # the first process has ended
     del trainer
     resumed = run_training(tiny_cfg, tmp_path / "b", resume="auto")
     assert straight["epochs"] == resumed["epochs"] == 3
@@ -201,6 +203,7 @@ def test_resume_equality_mid_epoch_in_process(synth_root, tiny_cfg, tmp_path):
     first, _ = build_trainer(tiny_cfg, tmp_path / "b")
     first.reporter.tracker = StopAtStep(first, 2)
     result = first.train()
+    first.run_lock.release()  # the first process has ended
     assert result["interrupted"] and first.epoch == 0 and first.step == 2
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert saved["loader"]["consumed"] == 2 * 2 * tiny_cfg.train.batch_size  # mid-epoch
@@ -231,12 +234,13 @@ def test_micro_step_survives_skipped_clips(synth_root, tiny_cfg, tmp_path):
     tiny_cfg.train.max_steps_per_epoch = 4
     order = ClipOrder(m.ok("train"), train=True, seed=tiny_cfg.train.seed, batch_size=2).order(0)
     for row in order[2:4]:  # the second batch of epoch 0, both clips
-        m.video_path(m.clips[row]).write_bytes(b"not a video")
+        corrupt_in_place(m.video_path(m.clips[row]))
     straight, _ = build_trainer(tiny_cfg, tmp_path / "a")
     straight.train()
     first, _ = build_trainer(tiny_cfg, tmp_path / "b")
     first.reporter.tracker = StopAtStep(first, 1)
     first.train()
+    first.run_lock.release()  # the first process has ended
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert saved["micro_step"] == 2 and saved["loader"]["consumed"] == 6  # 3 batches read
     resumed, _ = build_trainer(tiny_cfg, tmp_path / "b", resume="auto")

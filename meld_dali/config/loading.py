@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from meld_dali.config.schema import SECTIONS, Config, notes
 from meld_dali.errors import UserError
+from meld_dali.fileio import atomic_write
 
 log = logging.getLogger("meld_dali.config")
 
@@ -188,7 +189,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             p = builtin_config_path(str(path))
         if not p.exists():
             raise UserError(f"config file not found: {path}")
-        text = p.read_text()
+        if not p.is_file():
+            raise UserError(f"--config {path}: a folder, not a YAML file")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: cannot read the config file ({e})") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -203,4 +209,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with atomic_write(path) as f:
+        f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -3,6 +3,8 @@ workers. Runs everywhere; the reference the DALI backends are tested against."""
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -13,6 +15,7 @@ from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path, read_clip, to_clip
 from meld_dali.manifest import Manifest
 from meld_dali.sampling import clip_indices
+from meld_dali.signals import worker_init
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
 
@@ -80,6 +83,12 @@ class _Remaining(Sampler):
         return len(self.loader.remaining())
 
 
+def _close(ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class TorchLoader(ManifestLoader):
     """CPU fallback: torch DataLoader over ClipDataset, yielding Batch on the device."""
 
@@ -97,7 +106,21 @@ class TorchLoader(ManifestLoader):
                              pin_memory=spec.device.type == "cuda",
                              persistent_workers=workers > 0,
                              prefetch_factor=cfg.prefetch if workers > 0 else None,
+                             # a group SIGTERM/SIGINT must not kill the workers mid-step: the
+                             # main process finishes the step, saves, then shuts them down
+                             worker_init_fn=worker_init,
                              generator=torch.Generator().manual_seed(spec.seed))
+        if workers:
+            # workers ignore SIGTERM, and multiprocessing's own exit hook stops daemon
+            # workers with SIGTERM: shut them down first (atexit runs the latest first)
+            atexit.register(_close, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they exit on the DataLoader's own sentinel)."""
+        it = getattr(self.dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.dl._iterator = None
 
     def _batches(self) -> Iterator[Batch]:
         for batch, failures in self.dl:
