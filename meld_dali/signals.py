@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -58,6 +60,22 @@ def stop_on_signals(request_stop: Callable[[str], bool]):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@functools.cache
+def kill_workers_at_exit() -> None:
+    """At interpreter exit, multiprocessing stops daemon children (DataLoader workers) with
+    SIGTERM and waits for them: workers that ignore SIGTERM would hang the exit. Registered
+    after multiprocessing's own hook, this one runs first (atexit runs the latest first) and
+    stops them with SIGKILL, which is what SIGTERM would have done to them."""
+    import multiprocessing
+
+    def kill_daemons() -> None:
+        for p in multiprocessing.active_children():
+            if p.daemon:
+                p.kill()
+
+    atexit.register(kill_daemons)
 
 
 def worker_init(*_args) -> None:

@@ -3,8 +3,6 @@ workers. Runs everywhere; the reference the DALI backends are tested against."""
 
 from __future__ import annotations
 
-import atexit
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +13,7 @@ from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path, read_clip, to_clip
 from meld_dali.manifest import Manifest
 from meld_dali.sampling import clip_indices
-from meld_dali.signals import worker_init
+from meld_dali.signals import kill_workers_at_exit, worker_init
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
 
@@ -83,12 +81,6 @@ class _Remaining(Sampler):
         return len(self.loader.remaining())
 
 
-def _close(ref) -> None:
-    loader = ref()
-    if loader is not None:
-        loader.close()
-
-
 class TorchLoader(ManifestLoader):
     """CPU fallback: torch DataLoader over ClipDataset, yielding Batch on the device."""
 
@@ -111,16 +103,7 @@ class TorchLoader(ManifestLoader):
                              worker_init_fn=worker_init,
                              generator=torch.Generator().manual_seed(spec.seed))
         if workers:
-            # workers ignore SIGTERM, and multiprocessing's own exit hook stops daemon
-            # workers with SIGTERM: shut them down first (atexit runs the latest first)
-            atexit.register(_close, weakref.ref(self))
-
-    def close(self) -> None:
-        """Stop the persistent workers now (they exit on the DataLoader's own sentinel)."""
-        it = getattr(self.dl, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.dl._iterator = None
+            kill_workers_at_exit()
 
     def _batches(self) -> Iterator[Batch]:
         for batch, failures in self.dl:
