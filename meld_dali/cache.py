@@ -31,6 +31,7 @@ from typing import Any
 import av
 
 from meld_dali.clips import Clip
+from meld_dali.hardware import decodes
 from meld_dali.probe import probe, run_parallel
 
 # codec -> (encoder, pixel format, file extension)
@@ -38,10 +39,6 @@ CACHE_CODECS = {"h264": ("libx264", "yuv420p", ".mp4"), "mjpeg": ("mjpeg", "yuvj
 SETTINGS_NAME = "cache_settings.json"
 TMP_TAG = ".tmp"
 INTERPOLATION = "AREA"  # box filter down (antialiased), bilinear-like up
-# H.264 the GPU decoder (NVDEC) cannot take: anything but 8-bit 4:2:0
-NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "nv12")
-NVDEC_BAD_PROFILES = ("High 10", "High 10 Intra", "High 4:2:2", "High 4:2:2 Intra",
-                      "High 4:4:4", "High 4:4:4 Predictive", "High 4:4:4 Intra", "CAVLC 4:4:4")
 
 
 class CacheError(RuntimeError):
@@ -250,7 +247,6 @@ def build_cache(clips: list[Clip], manifest_dir: Path, spec: CacheSpec, workers:
 
 
 def nvdec_unsupported(clip: Clip) -> bool:
-    """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile)."""
-    if clip.codec != "h264":
-        return False
-    return clip.pix_fmt not in NVDEC_PIX_FMTS or clip.profile in NVDEC_BAD_PROFILES
+    """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile,
+    hardware.DECODERS)."""
+    return not decodes("dali-gpu", clip.codec, clip.pix_fmt, clip.profile)

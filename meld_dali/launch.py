@@ -20,6 +20,7 @@ from meld_dali.data.base import LoaderSpec
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist
+from meld_dali.hardware import gpu_facts
 from meld_dali.manifest import MANIFEST_NAME, Manifest, prepare
 from meld_dali.model import build_model
 from meld_dali.reporting import EpochReporter
@@ -44,21 +45,15 @@ def flag(value: str, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
-# GPU families (substrings of torch.cuda.get_device_name()) where `bench train --ab` measured
-# regional torch.compile faster than eager at the seed settings: train.compile=auto compiles
-# only there. Empty: on one H200 (batch 16) whole-model compile gave +3% (227 vs 220 clips/s)
-# after ~2 min of compilation, on an H100 (batch 8) it was slower (119 vs 164).
-COMPILE_FASTER: dict[str, str] = {}
-
-
 def compile_enabled(cfg_train, device: torch.device) -> bool:
-    """train.compile: true/false as given; auto = on only on a GPU family in COMPILE_FASTER."""
+    """train.compile: true/false as given; auto = on only on a GPU where regional compile
+    was measured faster than eager (hardware.GPUS: none so far)."""
     if cfg_train.compile != "auto":
         return cfg_train.compile == "true"
     if device.type != "cuda":
         return False
-    name = torch.cuda.get_device_name(device)
-    return any(family in name for family in COMPILE_FASTER)
+    gpu = gpu_facts(torch.cuda.get_device_name(device))
+    return bool(gpu and gpu.compile_faster)
 
 
 def apply_backend_flags(cfg: Config, device: torch.device) -> dict:

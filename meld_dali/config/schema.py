@@ -208,8 +208,8 @@ class TrainConfig(BaseModel):
     device: Annotated[Str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     amp: Annotated[Amp, BeforeValidator(_yaml_off)] = "fp16"  # off on CPU regardless
     # torch.compile, regional (each pytorchvideo ResBlock; the batch dim dynamic). auto = on
-    # only on GPU families where it was measured faster than eager (launch.COMPILE_FASTER,
-    # empty for now): never a default slower than eager.
+    # only on GPU families where it was measured faster than eager (hardware.GPUS, none
+    # so far): never a default slower than eager.
     compile: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # tests: eager
     # torch.backends.cudnn.benchmark (cuDNN picks the fastest conv algorithm per shape):
