@@ -245,7 +245,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
                          "channels_last": cl, "compile": compile_enabled(cfg.train, device),
                          "compile_backend": cfg.train.compile_backend, **backend_flags,
-                         "steps": steps, "warmup": warmup, "workers": cfg.loader.workers,
+                         "steps": steps, "warmup": warmup, "workers": cfg.loader.num_workers,
                          "source": resolved, "stages": stages,
                          "data_bound_share": DATA_BOUND_SHARE, "flops": "2 per MAC"},
             "results": results, "unavailable": unavailable}

@@ -27,6 +27,7 @@ from meld_dali.reporting import EpochReporter
 from meld_dali.signals import stop_on_signals
 from meld_dali.tracking import build_tracker
 from meld_dali.trainer import Trainer
+from meld_dali.verify import check_backend
 
 log = logging.getLogger("meld_dali.launch")
 
@@ -178,6 +179,7 @@ def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: D
     source = resolve_source(manifest, cfg.data.source)
     backend = resolve_backend(backend or cfg.loader.backend, manifest, cfg.data.train_split,
                               source)
+    backend = check_backend(cfg, manifest, source, backend, device)  # loader.verify
     common = dict(manifest=manifest, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                   device=device, dtype=video_dtype(cfg, device),
                   channels_last=flag(cfg.loader.channels_last, device), rank=dist.rank,
@@ -247,11 +249,12 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     state = load_resume_state(cfg, run_dir, resume, console if dist.main else None)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
+    cfg.data.root = str(Path(cfg.data.root).absolute())  # checkpoints: found from any folder
 
     device = init_distributed(dist, pick_device(cfg.train.device))
     apply_backend_flags(cfg, device)
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
-    manifest = open_manifest(cfg.data.root, console, cfg.loader.workers, dist)
+    manifest = open_manifest(cfg.data.root, console, cfg.loader.num_workers, dist)
     backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
     counts = manifest.class_counts(cfg.data.train_split)
     if sum(counts) == 0:

@@ -159,7 +159,7 @@ class DaliLoader(ManifestLoader):
         dev_index = spec.device.index or 0
         wanted = cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
         self.n_pipes = max(1, min(wanted, spec.batch_size))  # no pipeline without a clip
-        self.reader = FileReader(self, cfg.workers)
+        self.reader = FileReader(self, cfg.num_workers)
         self.its: list[DALIGenericIterator] = []  # one per pipeline, run in lockstep
         self.sources: list[ShareSource] = []
         self.pass_rows: list[int] = []  # the rows this pass reads (the rest of an epoch)
@@ -220,7 +220,7 @@ class DaliLoader(ManifestLoader):
         pipes = [clip_pipeline(
             source=src, cfg=self.data, is_training=self.spec.train, kind=self.kind,
             device=self.device, dtype=self.dali_dtype, batch_size=B * per_clip,
-            num_threads=max(1, self.cfg.workers // self.n_pipes),
+            num_threads=max(1, self.cfg.num_workers // self.n_pipes),
             device_id=(dev.index or 0) if self.device == "gpu" else None,
             prefetch_queue_depth=max(1, self.cfg.prefetch), seed=self.spec.seed,
             resize=resize) for src in self.sources]

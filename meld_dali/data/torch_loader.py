@@ -89,7 +89,7 @@ class TorchLoader(ManifestLoader):
         super().__init__(spec)
         ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
                          source=spec.source)
-        workers = max(0, cfg.workers)
+        workers = cfg.num_workers
         # its own generator: creating an iterator must not draw from the global torch RNG,
         # or a resumed run would see different dropout masks than an uninterrupted one
         self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=_Remaining(self),
