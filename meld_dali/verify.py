@@ -9,7 +9,6 @@ clips and the first clips of --data) and before a run on a DALI backend (`loader
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -96,10 +95,7 @@ def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loade
             for k, row in enumerate(b.index.tolist()):
                 got[row] = (b.video[k].float().cpu(), b.mask[k].cpu())
         skipped = {f.index: f.error for f in it.failures}
-        # free the pipelines or worker processes here and now: a loader is a reference
-        # cycle, and collected later inside a forked worker it fails to stop its own workers
-        del it
-        gc.collect()
+        del it  # its pipelines or worker processes go now, not at the next check
     except Exception as e:  # noqa: BLE001 - a diagnosis: any failure is a finding
         v.error = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
         v.seconds = time.perf_counter() - t0

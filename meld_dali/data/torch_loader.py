@@ -3,6 +3,7 @@ workers. Runs everywhere; the reference the DALI backends are tested against."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -70,7 +71,9 @@ class _Remaining(Sampler):
     (the DataLoader asks for it once per pass, before any batch is consumed)."""
 
     def __init__(self, loader: ManifestLoader):
-        self.loader = loader
+        # a weak reference: loader -> DataLoader -> sampler -> loader would be a cycle, freed
+        # only by the garbage collector, which then waits ~5 s per worker to stop it
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.loader.position.epoch
