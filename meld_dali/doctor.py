@@ -99,11 +99,12 @@ def _short(why: str) -> str:
 
 
 def _run(backend: str, m: Manifest, source: str, label: str, cfg) -> Verdict:
-    why = backend_problem(backend, m, "dev", source)
+    split = "dev" if m.ok("dev") else cfg.data.train_split  # a root with no dev clips
+    why = backend_problem(backend, m, split, source)
     if why:
         return Verdict(backend, source, label, error=why)
     device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
-    return compare(m, "dev", source, cfg.data, cfg.loader, backend, device, label)
+    return compare(m, split, source, cfg.data, cfg.loader, backend, device, label)
 
 
 def video_only(m: Manifest) -> Manifest:
