@@ -1,6 +1,7 @@
-"""GPU check: the DALI mixed/GPU variant on real H.264 clips, the loader and trainer benches
-on a MELD-shaped set (280 clips of 1280x720 H.264, raw and as the 256-px clip cache), every
-recipe stage, and the --ab variants; sized for ~8 minutes on an H100 (not yet run on one).
+"""GPU check: `meld-dali doctor` first (its screen, OUT_DIR/doctor.json), then the DALI
+mixed/GPU variant on real H.264 clips, the loader and trainer benches on a MELD-shaped set
+(280 clips of 1280x720 H.264, raw and as the 256-px clip cache), every recipe stage, and
+the --ab variants; sized for ~8 minutes on an H100 (not yet run on one).
 
     python -m meld_dali.bench.gpu_check OUT_DIR [--quick]
 
@@ -58,6 +59,20 @@ def check_pipeline(manifest, source: str, results: dict) -> None:
     results[name] = out
 
 
+def run_doctor_first(out: Path) -> dict:
+    """`meld-dali doctor` on this machine: its screen, OUT/doctor.json, and a summary for
+    gpu_check.json (ok, failures, auto's picks), so one command shows both."""
+    from meld_dali.bench.common import write_json
+    from rich.console import Console
+
+    from meld_dali.doctor import render, run_doctor
+
+    rep = run_doctor(out=out, say=lambda s: print(s, file=sys.stderr, flush=True))
+    Console(width=80).print(*render(rep), highlight=False)
+    write_json(rep, out / "doctor.json")
+    return {"ok": rep["ok"], "failures": rep["failures"], "auto": rep["auto"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -65,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/meld-dali-gpu-check"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    doctor = run_doctor_first(args.out)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device: nothing to check", file=sys.stderr)
         return 1
@@ -77,7 +93,7 @@ def main(argv=None) -> int:
     from meld_dali.config import load_config
     from meld_dali.manifest import Manifest
 
-    results: dict = {"env": environment()}
+    results: dict = {"env": environment(), "doctor": doctor}
     t0 = time.time()
     workers = os.cpu_count() or 8
     # MELD-shaped: 1280x720 H.264, 280 clips = 168 train = 10 batches of 16 (steps below);

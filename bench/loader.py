@@ -45,8 +45,8 @@ def auto_warmup(backend: str, loader_cfg: LoaderConfig) -> int:
     The torch DataLoader holds workers x prefetch_factor batches; DALI's queue holds
     `prefetch` batches."""
     if backend == "torch":
-        return max(loader_cfg.workers, 1) * loader_cfg.prefetch + 1 \
-            if loader_cfg.workers > 0 else 1
+        return max(loader_cfg.num_workers, 1) * loader_cfg.prefetch + 1 \
+            if loader_cfg.num_workers > 0 else 1
     return loader_cfg.prefetch + 1
 
 
@@ -160,7 +160,7 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
         row["vs_torch"] = row["clips_per_s"] / base["clips_per_s"] if base else None
     return {"env": environment(),
             "dataset": dataset or {"kind": "user", "root": str(manifest.base)},
-            "settings": {"batch_size": batch_size, "workers": loader_cfg.workers,
+            "settings": {"batch_size": batch_size, "workers": loader_cfg.num_workers,
                          "prefetch": loader_cfg.prefetch,
                          "num_frames": data.num_frames, "crop_size": data.crop_size,
                          "short_side": data.short_side, "split": split, "clips": train_clips,

@@ -17,7 +17,6 @@ backbone has no backward through it, so no 3x-forward rule of thumb is used).
 from __future__ import annotations
 
 import copy
-import re
 import time
 
 import torch
@@ -34,6 +33,7 @@ from meld_dali.config import Config
 from meld_dali.data.base import SyntheticLoader
 from meld_dali.data.select import backend_problem, resolve_source, source_problem
 from meld_dali.evaluation import Dist
+from meld_dali.hardware import gpu_facts
 from meld_dali.launch import (
     apply_backend_flags,
     build_loaders,
@@ -51,12 +51,6 @@ DATA_BOUND_SHARE = 0.10  # above this share of step time waiting for data: data-
 # The recipe's stages (train.unfreeze in the seed config): what trains at each.
 STAGE_TRAINABLE: dict[str, set[str]] = {
     "head": set(), "res5": {"res5"}, "res4": {"res4", "res5"}, "res3": {"res3", "res4", "res5"}}
-
-# Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity), by device-name substring; the
-# first match wins, so the more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
-    ("L4", 121.0), ("A10", 125.0), ("T4", 65.0), ("V100", 125.0))
 
 # `--ab`: one row per variant, each changing one setting of the eager fp16 channels-last base.
 AB_VARIANTS: tuple[tuple[str, list[str]], ...] = (
@@ -80,13 +74,11 @@ def parse_stages(text: str) -> list[str]:
 
 
 def peak_tflops(device: torch.device) -> float | None:
-    """The device's dense fp16/bf16 peak from PEAK_TFLOPS; None on CPU or an unknown GPU."""
+    """The device's dense fp16/bf16 peak (hardware.GPUS); None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    words = set(re.split(r"[\s\-]+", name))  # "NVIDIA L40S" is not an "L4"
-    return next((peak for key, peak in PEAK_TFLOPS
-                 if set(key.split()) <= words), None)
+    gpu = gpu_facts(torch.cuda.get_device_name(device))
+    return gpu.peak_tflops if gpu else None
 
 
 def count_flops(fn) -> int:
@@ -253,7 +245,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
                          "channels_last": cl, "compile": compile_enabled(cfg.train, device),
                          "compile_backend": cfg.train.compile_backend, **backend_flags,
-                         "steps": steps, "warmup": warmup, "workers": cfg.loader.workers,
+                         "steps": steps, "warmup": warmup, "workers": cfg.loader.num_workers,
                          "source": resolved, "stages": stages,
                          "data_bound_share": DATA_BOUND_SHARE, "flops": "2 per MAC"},
             "results": results, "unavailable": unavailable}

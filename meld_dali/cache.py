@@ -39,6 +39,7 @@ import av
 from meld_dali.clips import Clip
 from meld_dali.errors import UserError
 from meld_dali.fileio import TMP_SUFFIX, FolderLock, atomic_write, temp_path
+from meld_dali.hardware import decodes
 from meld_dali.probe import probe, run_parallel
 
 # codec -> (encoder, pixel format, file extension)
@@ -47,10 +48,6 @@ SETTINGS_NAME = "cache_settings.json"  # in each settings subfolder
 MARKER_NAME = "meld-dali-cache.json"  # in the cache folder: "this folder is a cache"
 MARKER = {"format": "meld-dali-cache", "version": 2}
 INTERPOLATION = "AREA"  # box filter down (antialiased), bilinear-like up
-# H.264 the GPU decoder (NVDEC) cannot take: anything but 8-bit 4:2:0
-NVDEC_PIX_FMTS = ("yuv420p", "yuvj420p", "nv12")
-NVDEC_BAD_PROFILES = ("High 10", "High 10 Intra", "High 4:2:2", "High 4:2:2 Intra",
-                      "High 4:4:4", "High 4:4:4 Predictive", "High 4:4:4 Intra", "CAVLC 4:4:4")
 
 
 class CacheError(RuntimeError):
@@ -304,7 +301,6 @@ def _build(clips, manifest_dir, spec: CacheSpec, workers, progress) -> dict[str,
 
 
 def nvdec_unsupported(clip: Clip) -> bool:
-    """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile)."""
-    if clip.codec != "h264":
-        return False
-    return clip.pix_fmt not in NVDEC_PIX_FMTS or clip.profile in NVDEC_BAD_PROFILES
+    """H.264 that NVDEC cannot decode: 10-bit, 4:2:2 or 4:4:4 (by pixel format or profile,
+    hardware.DECODERS)."""
+    return not decodes("dali-gpu", clip.codec, clip.pix_fmt, clip.profile)

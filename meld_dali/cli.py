@@ -207,11 +207,9 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     """Predict the emotion of video files. Exit 1 if any file could not be read."""
     import json
 
-    from rich.table import Table
-
-    from meld_dali.config import EMOTIONS
     from meld_dali.inference import load_for_inference, predict_file
     from meld_dali.progress import PassProgress, iterate
+    from meld_dali.report import prediction_table
 
     loaded = load_for_inference(checkpoint, device)
     bar = PassProgress(console, loaded.cfg.tracking.progress_every) if len(videos) > 1 else None
@@ -219,22 +217,33 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     if as_json:
         print(json.dumps(results, indent=1))
     else:
-        t = Table(title=f"predictions of {checkpoint.name}")
-        t.add_column("file")
-        t.add_column("emotion")
-        for e in EMOTIONS:
-            t.add_column(e, justify="right")
-        for r in results:
-            if "error" in r:
-                continue
-            t.add_row(r["path"], r["emotion"],
-                      *[f"{r['probabilities'][e]:.2f}" for e in EMOTIONS])
-        out.print(t)
+        out.print(prediction_table(results, f"predictions of {checkpoint.name}", out.width))
     for r in results:
         if "error" in r:
             console.print(f"[red]error:[/red] {r['path']}: {r['error']}", highlight=False,
                           soft_wrap=True)
     if any("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(data: Path = typer.Option(None, help="a prepared MELD root: verify its first clips"),
+           out_dir: Path = typer.Option(Path("runs"), "--out", help="where runs would go"),
+           json_out: Path = typer.Option(None, "--json", help="write everything as JSON")):
+    """What this machine can run, and proof that each loader backend delivers what the
+    CPU reference does. Exit 1 with one line per failure."""
+    from meld_dali.bench.common import write_json
+    from meld_dali.doctor import render, run_doctor
+
+    with console.status("doctor") as status:
+        rep = run_doctor(data, out_dir, say=status.update)
+    for part in render(rep):
+        out.print(part, highlight=False)
+    if json_out:
+        console.print(f"wrote {write_json(rep, json_out)}")
+    for line in rep["failures"]:
+        console.print(f"[red]failed:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+    if not rep["ok"]:
         raise typer.Exit(1)
 
 

@@ -21,6 +21,7 @@ from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import Dist
 from meld_dali.fileio import FolderLock, check_writable
+from meld_dali.hardware import gpu_facts
 from meld_dali.manifest import MANIFEST_NAME, Manifest
 from meld_dali.model import build_model
 from meld_dali.prepare import prepare, stale_reason
@@ -28,6 +29,7 @@ from meld_dali.reporting import METRICS_NAME, EpochReporter
 from meld_dali.signals import stop_on_signals
 from meld_dali.tracking import build_tracker
 from meld_dali.trainer import Trainer
+from meld_dali.verify import check_backend
 
 log = logging.getLogger("meld_dali.launch")
 
@@ -46,21 +48,15 @@ def flag(value: str, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
-# GPU families (substrings of torch.cuda.get_device_name()) where `bench train --ab` measured
-# regional torch.compile faster than eager at the seed settings: train.compile=auto compiles
-# only there. Empty: on one H200 (batch 16) whole-model compile gave +3% (227 vs 220 clips/s)
-# after ~2 min of compilation, on an H100 (batch 8) it was slower (119 vs 164).
-COMPILE_FASTER: dict[str, str] = {}
-
-
 def compile_enabled(cfg_train, device: torch.device) -> bool:
-    """train.compile: true/false as given; auto = on only on a GPU family in COMPILE_FASTER."""
+    """train.compile: true/false as given; auto = on only on a GPU where regional compile
+    was measured faster than eager (hardware.GPUS: none so far)."""
     if cfg_train.compile != "auto":
         return cfg_train.compile == "true"
     if device.type != "cuda":
         return False
-    name = torch.cuda.get_device_name(device)
-    return any(family in name for family in COMPILE_FASTER)
+    gpu = gpu_facts(torch.cuda.get_device_name(device))
+    return bool(gpu and gpu.compile_faster)
 
 
 def apply_backend_flags(cfg: Config, device: torch.device) -> dict:
@@ -193,6 +189,7 @@ def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: D
     source = resolve_source(manifest, cfg.data.source)
     backend = resolve_backend(backend or cfg.loader.backend, manifest, cfg.data.train_split,
                               source)
+    backend = check_backend(cfg, manifest, source, backend, device)  # loader.verify
     common = dict(manifest=manifest, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                   device=device, dtype=video_dtype(cfg, device),
                   channels_last=flag(cfg.loader.channels_last, device), rank=dist.rank,
@@ -299,6 +296,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     cfg = run_config(cfg, state, overrides)
     if not cfg.data.root:
         raise UserError("no data: pass --data DIR (a prepared MELD root) or --demo")
+    cfg.data.root = str(Path(cfg.data.root).absolute())  # checkpoints: found from any folder
     return _assemble(cfg, run_dir, state, console, dist)
 
 
@@ -309,7 +307,7 @@ def _assemble(cfg: Config, run_dir: Path, state: dict | None, console,
     device = init_distributed(dist, pick_device(cfg.train.device))
     apply_backend_flags(cfg, device)
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
-    manifest = open_manifest(cfg.data.root, console, cfg.loader.workers, dist)
+    manifest = open_manifest(cfg.data.root, console, cfg.loader.num_workers, dist)
     backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
     counts = manifest.class_counts(cfg.data.train_split)
     if sum(counts) == 0:

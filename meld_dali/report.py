@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -164,3 +165,43 @@ def run_summary(history: list[dict], run_dir: str | Path) -> list:
              ("confusion", run / f"confusion_epoch{best['epoch']:03d}.png")]
     out.append(Text("\n".join(f"{k:>12}: {p}" for k, p in files if p.exists())))
     return out
+
+
+def distinct_names(paths: list[str]) -> list[str]:
+    """Each path's shortest trailing part that no other path ends with: 'clip.mp4' alone,
+    'a/clip.mp4' and 'b/clip.mp4' side by side (a path given twice stays whole)."""
+    parts = [Path(p).parts for p in paths]
+    out = []
+    for i, p in enumerate(parts):
+        k = next((k for k in range(1, len(p)) if all(
+            q[-k:] != p[-k:] for j, q in enumerate(parts) if j != i)), len(p))
+        out.append(str(Path(*p[-k:])) if p else "")
+    return out
+
+
+def prediction_table(results: list[dict], title: str, width: int) -> Table:
+    """`predict`'s table within `width` columns: each file by its shortest distinct name and
+    its emotion, whole, then as many probability columns as fit, the emotions with the
+    highest probabilities first (shown in MELD's order). `--json` has all 7."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    rows = [(n, r) for n, r in zip(distinct_names([r["path"] for r in results]), results,
+                                   strict=True) if "error" not in r]
+    ranked = sorted(EMOTIONS, key=lambda e: -max((r["probabilities"][e] for _, r in rows),
+                                                 default=0.0))
+    console = Console(width=10_000)  # measures the natural width: nothing clamps it
+    for k in range(len(EMOTIONS), -1, -1):
+        shown = [e for e in EMOTIONS if e in ranked[:k]]
+        t = Table(title=title, caption=None if k == len(EMOTIONS) else
+                  f"{k} of {len(EMOTIONS)} probabilities, the highest (all: --json)",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
+        t.add_column("file", no_wrap=True)
+        t.add_column("emotion", no_wrap=True)
+        for e in shown:
+            t.add_column(e, justify="right")
+        for name, r in rows:
+            t.add_row(name, r["emotion"], *[f"{r['probabilities'][e]:.2f}" for e in shown])
+        if Measurement.get(console, console.options, t).maximum <= width:
+            break
+    return t

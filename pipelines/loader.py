@@ -17,7 +17,6 @@ pipelines rebuilt after it. Any other error (out of memory, a bug) surfaces.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -29,11 +28,11 @@ from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline, dali_params
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from meld_dali.cache import nvdec_unsupported
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path
 from meld_dali.data.torch_loader import ClipDataset, collate
+from meld_dali.hardware import decodes, nvdec_engines
 from meld_dali.sampling import clip_indices
 from meld_dali.transforms import EVAL_PARAMS, draw_params
 
@@ -43,9 +42,6 @@ log = logging.getLogger("meld_dali.pipelines")
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
                torch.float32: types.FLOAT}
 DECODERS = ("fn.decoders.video", "fn.decoders.image")
-# Hardware video decoders (NVDEC engines) per GPU, by name: decode sessions worth running.
-NVDEC_ENGINES = {"H100": 7, "H200": 7, "H20": 7, "GH200": 7, "B200": 7, "A100": 5, "A30": 4,
-                 "L4": 4, "L40": 3, "A10": 1, "T4": 2, "V100": 1}
 
 
 def decode_failure(e: RuntimeError) -> str | None:
@@ -61,11 +57,10 @@ def decode_failure(e: RuntimeError) -> str | None:
 
 def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
     """How many pipelines (decode sessions) to run: for video on a GPU, one per NVDEC engine
-    (2 on a GPU not in the table); else one."""
+    (hardware.GPUS; 2 on a GPU not in the table); else one."""
     if device != "gpu" or kind != "video" or not torch.cuda.is_available():
         return 1
-    words = set(re.split(r"[\s\-]+", torch.cuda.get_device_name(device_index)))
-    return next((n for key, n in NVDEC_ENGINES.items() if key in words), 2)
+    return nvdec_engines(torch.cuda.get_device_name(device_index))
 
 
 class FileReader:
@@ -164,7 +159,7 @@ class DaliLoader(ManifestLoader):
         dev_index = spec.device.index or 0
         wanted = cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
         self.n_pipes = max(1, min(wanted, spec.batch_size))  # no pipeline without a clip
-        self.reader = FileReader(self, cfg.workers)
+        self.reader = FileReader(self, cfg.num_workers)
         self.its: list[DALIGenericIterator] = []  # one per pipeline, run in lockstep
         self.sources: list[ShareSource] = []
         self.pass_rows: list[int] = []  # the rows this pass reads (the rest of an epoch)
@@ -225,7 +220,7 @@ class DaliLoader(ManifestLoader):
         pipes = [clip_pipeline(
             source=src, cfg=self.data, is_training=self.spec.train, kind=self.kind,
             device=self.device, dtype=self.dali_dtype, batch_size=B * per_clip,
-            num_threads=max(1, self.cfg.workers // self.n_pipes),
+            num_threads=max(1, self.cfg.num_workers // self.n_pipes),
             device_id=(dev.index or 0) if self.device == "gpu" else None,
             prefetch_queue_depth=max(1, self.cfg.prefetch), seed=self.spec.seed,
             resize=resize) for src in self.sources]
@@ -365,7 +360,8 @@ class DaliLoader(ManifestLoader):
             m = self.spec.manifest
             clips = [m.clips[r] for r in good_rows]
             # the source's format names suspects only when the source is what DALI read
-            odd = ([c for c in clips if nvdec_unsupported(c)]
+            odd = ([c for c in clips
+                    if not decodes(self.backend, c.codec, c.pix_fmt, c.profile)]
                    if self.spec.source == "video" else [])
             names = ", ".join(str(clip_source_path(m, c, self.spec.source))
                               for c in (odd or clips))

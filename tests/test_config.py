@@ -101,7 +101,8 @@ BAD_VALUES = [
     ("data.crop_size", "40"),  # > data.short_side (36 in demo)
     ("data.num_frames", "6"),  # not a multiple of model.alpha (4)
     # loader
-    ("loader.backend", "cuda"), ("loader.workers", "-1"), ("loader.prefetch", "0"),
+    ("loader.backend", "cuda"), ("loader.workers", "-1"), ("loader.workers", "1.5"),
+    ("loader.workers", "many"), ("loader.verify", "maybe"), ("loader.prefetch", "0"),
     ("loader.channels_last", "maybe"), ("loader.dtype", "int8"),
     # model
     ("model.alpha", "0"), ("model.hidden", "[32]"), ("model.dropout", "[0.5, 1.0]"),

@@ -16,10 +16,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     Strict,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from meld_dali.hardware import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ Anneal = Literal["cos", "linear"]
 ClassWeights = Literal["inv_sqrt", "none"]
 TrackingMode = Literal["auto", "offline", "online"]
 HubPush = Literal["end", "best", "never"]
+Verify = Literal["auto", "warn", "off"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -80,6 +84,15 @@ def _yaml_flag(v: Any) -> Any:
 def _yaml_off(v: Any) -> Any:
     """A bare `off` (or `false`, `no`) is YAML 1.1's boolean false: the choice "off"."""
     return "off" if v is False else v
+
+
+def _auto_or_count(v: Any) -> Any:
+    """`auto`, or a whole number >= 0 (no bools, no 1.5, no "5")."""
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be auto or a whole number >= 0")
+    return v
 
 
 def _ordered_pair(v: list[float]) -> list[float]:
@@ -152,13 +165,24 @@ class LoaderConfig(BaseModel):
     model_config = Section
 
     backend: Literal["auto", Backend] = "auto"
-    workers: NonNeg = 2  # DataLoader workers / DALI threads
+    # DataLoader workers / DALI threads; auto = the CPU cores this process may use
+    # (`num_workers`), so PyTorch never warns that there are more workers than cores
+    workers: Annotated[Literal["auto"] | int, PlainValidator(_auto_or_count)] = "auto"
     prefetch: Count = 2
     # DALI: pipelines (decode sessions) per loader, each decoding a share of every batch;
     # 0 = auto: one per NVDEC engine of the GPU for video, else 1
     dali_pipelines: NonNeg = 0
     channels_last: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     dtype: Dtype = "auto"  # auto (follows train.amp) | float32 | float16 | bfloat16
+    # before training on a DALI backend, compare its eval output on a few dev clips with the
+    # CPU reference (meld_dali.verify): auto = a mismatch beyond the tolerance stops the run
+    # with one line; warn = train with `torch` instead, with a warning; off = no check
+    verify: Annotated[Verify, BeforeValidator(_yaml_off)] = "auto"
+
+    @property
+    def num_workers(self) -> int:
+        """`workers` as a number: auto resolved on this machine."""
+        return cpu_cores() if self.workers == "auto" else self.workers
 
 
 class ModelConfig(BaseModel):
@@ -208,8 +232,8 @@ class TrainConfig(BaseModel):
     device: Annotated[Str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     amp: Annotated[Amp, BeforeValidator(_yaml_off)] = "fp16"  # off on CPU regardless
     # torch.compile, regional (each pytorchvideo ResBlock; the batch dim dynamic). auto = on
-    # only on GPU families where it was measured faster than eager (launch.COMPILE_FASTER,
-    # empty for now): never a default slower than eager.
+    # only on GPU families where it was measured faster than eager (hardware.GPUS, none
+    # so far): never a default slower than eager.
     compile: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # tests: eager
     # torch.backends.cudnn.benchmark (cuDNN picks the fastest conv algorithm per shape):

@@ -10,9 +10,8 @@ from meld_dali.config import BACKENDS, DataConfig, LoaderConfig
 from meld_dali.data.base import ClipLoader, LoaderSpec
 from meld_dali.data.torch_loader import TorchLoader
 from meld_dali.errors import UserError
+from meld_dali.hardware import decodes
 from meld_dali.manifest import Manifest
-
-DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}  # what DALI's CPU decoders take (jpeg: frames)
 
 
 def dali_available() -> tuple[bool, str]:
@@ -67,7 +66,7 @@ def backend_problem(backend: str, manifest: Manifest, split: str, source: str) -
         return why
     if backend == "dali-gpu":
         return "" if torch.cuda.is_available() else "no CUDA device is visible"
-    bad = source_codecs(manifest, split, source) - DALI_CPU_CODECS
+    bad = {c for c in source_codecs(manifest, split, source) if not decodes(backend, c)}
     return (f"DALI's CPU video decoder takes VP8/VP9/MJPEG only; this data is "
             f"{', '.join(sorted(bad))} (use dali-gpu, torch, a cache from `prepare --cache DIR "
             "--cache-codec mjpeg`, or frame folders from `prepare --frames`)") if bad else ""

@@ -3,6 +3,7 @@ workers. Runs everywhere; the reference the DALI backends are tested against."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -71,7 +72,9 @@ class _Remaining(Sampler):
     (the DataLoader asks for it once per pass, before any batch is consumed)."""
 
     def __init__(self, loader: ManifestLoader):
-        self.loader = loader
+        # a weak reference: loader -> DataLoader -> sampler -> loader would be a cycle, freed
+        # only by the garbage collector, which then waits ~5 s per worker to stop it
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.loader.position.epoch
@@ -90,7 +93,7 @@ class TorchLoader(ManifestLoader):
         super().__init__(spec)
         ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
                          source=spec.source)
-        workers = max(0, cfg.workers)
+        workers = cfg.num_workers
         # its own generator: creating an iterator must not draw from the global torch RNG,
         # or a resumed run would see different dropout masks than an uninterrupted one
         self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=_Remaining(self),

@@ -1,0 +1,191 @@
+"""Does a loader backend deliver what the CPU reference path delivers, here, on these clips?
+
+The reference is the CPU path every backend is specified against: PyAV / PIL decoding and
+`to_clip` (the eval view: resize, centre crop, normalize, pad and mask), run in this process
+(`ClipDataset`). A backend passes when, on every clip, its eval-mode output has the same
+mask and lies within the tolerance of the reference. Used by `meld-dali doctor` (generated
+clips and the first clips of --data) and before a run on a DALI backend (`loader.verify`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meld_dali.clips import Clip
+from meld_dali.config import EMOTIONS, Config, DataConfig, LoaderConfig
+from meld_dali.data.base import ClipFailure, LoaderSpec
+from meld_dali.data.decode import clip_source_path
+from meld_dali.data.select import build_loader
+from meld_dali.data.torch_loader import ClipDataset
+from meld_dali.errors import UserError
+from meld_dali.manifest import Manifest
+from meld_dali.prepare import extract_frames
+from meld_dali.probe import probe
+from meld_dali.synth import render_clip, write_video
+
+log = logging.getLogger("meld_dali.verify")
+
+# Tolerance, in normalized units (one grey level = 1 / (255 * std) ~ 0.017). Decoders differ
+# in YUV->RGB conversion and chroma upsampling, resize kernels in their filters: measured,
+# DALI CPU vs the reference on VP9/MJPEG 0.00x-0.03 mean (edges give up to ~1.3 at a pixel),
+# dali-gpu on an H100 0.017 (frames) and 0.033 (H.264). A wrong frame, crop or colour moves
+# the mean far more (one frame off: > 0.1 on generated clips); MAX_TOL only catches garbage.
+MEAN_TOL = 0.05
+MAX_TOL = 2.5
+CLIPS = 4  # clips compared per check: seconds on a CPU
+
+
+@dataclass
+class Verdict:
+    """One backend on one source: ok None = could not run (error says why)."""
+    backend: str
+    source: str
+    data: str  # what was read: "generated vp9 640x360" or the --data root
+    ok: bool | None = None
+    clips: int = 0
+    mean_abs_diff: float | None = None  # the largest per-clip mean over the clips
+    max_abs_diff: float | None = None
+    worst: str = ""  # the clip with the largest mean difference
+    error: str = ""
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        """One line saying what failed, for an error message or the doctor's list."""
+        what = f"{self.backend} on {self.data} ({self.source})"
+        if self.error:
+            return f"{what}: {self.error}"
+        return (f"{what}: {self.worst} differs from the CPU reference by {self.mean_abs_diff:.3f}"
+                f" mean, {self.max_abs_diff:.2f} max (tolerance {MEAN_TOL} mean, {MAX_TOL} max)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def first_clips(manifest: Manifest, split: str, n: int = CLIPS) -> Manifest:
+    """The same manifest with only the first `n` loadable clips of `split` (same folder, so
+    every relative path still resolves)."""
+    rows = manifest.ok(split)[:n]
+    return Manifest(manifest.path, [manifest.clips[i] for i in rows], manifest.meta)
+
+
+def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loader: LoaderConfig,
+            backend: str, device: torch.device | None = None, label: str = "",
+            clips: int = CLIPS, make_loader=build_loader) -> Verdict:
+    """Run `backend` in eval mode on the first `clips` loadable clips of `split` and compare
+    each clip with the reference. `make_loader(spec, data, loader, backend)` builds the
+    loader (build_loader; tests pass a deliberately wrong one)."""
+    m = first_clips(manifest, split, clips)
+    v = Verdict(backend, source, label or str(manifest.base))
+    rows = m.ok(split)
+    if not rows:
+        v.error = f"no loadable {split} clips"
+        return v
+    t0 = time.perf_counter()
+    spec = LoaderSpec(m, split, False, min(2, len(rows)), seed=0,
+                      device=device or torch.device("cpu"), dtype=torch.float32, source=source)
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        it = make_loader(spec, data, loader, backend)
+        for b in it:
+            for k, row in enumerate(b.index.tolist()):
+                got[row] = (b.video[k].float().cpu(), b.mask[k].cpu())
+        skipped = {f.index: f.error for f in it.failures}
+        del it  # its pipelines or worker processes go now, not at the next check
+    except Exception as e:  # noqa: BLE001 - a diagnosis: any failure is a finding
+        v.error = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        v.seconds = time.perf_counter() - t0
+        return v
+    ref = ClipDataset(m, data, train=False, seed=0, source=source)
+    worst = -1.0
+    for row in rows:
+        path = str(clip_source_path(m, m.clips[row], source))
+        item = ref[(0, row)]
+        if isinstance(item, ClipFailure):
+            v.error = f"the CPU reference cannot read {path}: {item.error}"
+            break
+        if row not in got:
+            v.error = f"{path} was skipped: {skipped.get(row, 'no batch held it')}"
+            break
+        video, mask = got[row]
+        if not torch.equal(mask, item[1]):
+            v.error = f"{path}: the mask of real frames differs from the CPU reference's"
+            break
+        d = (video - item[0]).abs()
+        mean, peak = d.mean().item(), d.max().item()
+        v.max_abs_diff = max(v.max_abs_diff or 0.0, peak)
+        if mean > worst:
+            worst, v.worst, v.mean_abs_diff = mean, path, mean
+        v.clips += 1
+    v.ok = not v.error and v.mean_abs_diff <= MEAN_TOL and v.max_abs_diff <= MAX_TOL
+    v.seconds = time.perf_counter() - t0
+    return v
+
+
+def check_backend(cfg: Config, manifest: Manifest, source: str, backend: str,
+                  device: torch.device, make_loader=build_loader) -> str:
+    """`loader.verify` before a run: a DALI backend's eval output on a few clips of the eval
+    split against the CPU reference. Returns the backend to train with: the same one, or
+    `torch` (verify=warn, on a mismatch). verify=auto: a mismatch is a UserError naming the
+    clip, the backend and the difference. `torch` is the reference itself: not checked."""
+    mode = cfg.loader.verify
+    if mode == "off" or backend == "torch":
+        return backend
+    split = cfg.data.eval_split if manifest.ok(cfg.data.eval_split) else cfg.data.train_split
+    v = compare(manifest, split, source, cfg.data, cfg.loader, backend, device,
+                label=f"the first {split} clips", make_loader=make_loader)
+    if v.ok:
+        log.info("verified %s against the CPU reference on %d %s clips (mean abs difference "
+                 "%.3f, max %.2f) in %.1f s", backend, v.clips, split, v.mean_abs_diff,
+                 v.max_abs_diff, v.seconds)
+        return backend
+    if mode == "warn":
+        log.warning("%s; training with torch instead (loader.verify=warn)", v.line())
+        return "torch"
+    raise UserError(f"{v.line()}; set loader.verify=warn to train with torch instead, or "
+                    "loader.verify=off to skip this check")
+
+
+# ----------------------------------------------------------------------------- sample clips
+
+# Generated clips for the doctor: one short clip (padded and masked) and longer ones, each
+# class colour in turn; few and short, so a check takes seconds.
+SAMPLE_FRAMES = (20, 40, 56, 75)
+
+
+def sample_manifest(folder: str | Path, codec: str, width: int, height: int,
+                    frames_short_side: int = 0, fps: int = 24) -> Manifest:
+    """A small dev split of clips written by `synth` (textured like MELD at HD sizes) into
+    `folder` with `codec` at width x height, probed like `prepare` does, and with JPEG frame
+    folders at `frames_short_side` when given. Returns its manifest (in memory)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(0)
+    ext = {"vp9": ".webm", "mjpeg": ".avi"}.get(codec, ".mp4")
+    clips = []
+    for i, n in enumerate(SAMPLE_FRAMES):
+        rel = f"{codec}/dia0_utt{i}{ext}"
+        label = i % len(EMOTIONS)
+        write_video(folder / rel, render_clip(label, n, width, height, rng,
+                                              texture=width * height >= 640 * 360),
+                    codec, fps)
+        info = probe(str(folder / rel))
+        clips.append(Clip(f"dia0_utt{i}", "dev", EMOTIONS[label], label, path=rel,
+                          status=info["status"], reason=info.get("reason", ""),
+                          num_frames=int(info.get("num_frames") or 0), fps=info.get("fps"),
+                          width=info.get("width"), height=info.get("height"),
+                          codec=info.get("codec"), pix_fmt=info.get("pix_fmt"),
+                          profile=info.get("profile")))
+    meta = {"frames_dir": "", "short_side": frames_short_side, "cache": {}}
+    if frames_short_side:
+        meta["frames_dir"] = f"{codec}-frames"
+        for c in clips:
+            c.num_frames = extract_frames(str(folder / c.path),
+                                          str(folder / meta["frames_dir"] / "dev" / c.clip_id),
+                                          frames_short_side)
+            c.frames = True
+    return Manifest(folder / f"{codec}-manifest.json", clips, meta)

@@ -1,0 +1,258 @@
+"""`meld-dali doctor`, backend verification (meld_dali.verify), the hardware tables and the
+rough edges a newcomer meets: predict's table at 80 columns, evaluate from another folder,
+loader.workers: auto."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from meld_dali.config import BACKENDS, EMOTIONS, load_config
+from meld_dali.data.base import LoaderSpec
+from meld_dali.data.select import build_loader
+from meld_dali.errors import UserError
+from meld_dali.evaluation import Dist
+from meld_dali.hardware import DECODERS, cpu_cores, decodes, gpu_facts, nvdec_engines
+from meld_dali.inference import evaluate, load_for_inference
+from meld_dali.launch import build_loaders, run_training
+from meld_dali.manifest import Manifest
+from meld_dali.synth import render_clip, write_video
+from meld_dali.verify import MEAN_TOL, check_backend, compare, first_clips
+
+warnings.filterwarnings("ignore", message=".*external source node.*")
+CLI = [sys.executable, "-m", "meld_dali"]
+
+
+def cli(*args, cwd=None, columns=80, timeout=300):
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- hardware
+
+
+def test_one_gpu_table_answers_every_question():
+    h100, pcie = gpu_facts("NVIDIA H100 80GB HBM3"), gpu_facts("NVIDIA H100 PCIe")
+    assert (h100.nvdec, h100.nvjpg, h100.peak_tflops) == (7, 7, 989.0)
+    assert pcie.peak_tflops == 756.0  # the more specific row wins
+    assert gpu_facts("NVIDIA L40S").peak_tflops == 362.0  # an L40S is not an L4
+    assert gpu_facts("NVIDIA L4").peak_tflops == 121.0
+    assert gpu_facts("NVIDIA GeForce RTX 4090") is None
+    assert nvdec_engines("NVIDIA GeForce RTX 4090") == 2 and nvdec_engines("NVIDIA A100") == 5
+    assert not any(g.compile_faster for g in [h100, pcie])
+    assert cpu_cores() == len(os.sched_getaffinity(0))
+
+
+def test_one_codec_table_for_every_backend():
+    assert set(DECODERS) == set(BACKENDS)
+    assert decodes("dali-cpu", "vp9") and decodes("dali-cpu", "jpeg")
+    assert not decodes("dali-cpu", "h264") and not decodes("dali-cpu", None)
+    assert decodes("dali-gpu", "h264", "yuv420p", "High")
+    assert not decodes("dali-gpu", "h264", "yuv420p10le", "High 10")
+    assert not decodes("dali-gpu", "h264", "yuv420p", "High 4:4:4 Predictive")
+    assert decodes("dali-gpu", "vp9", "yuv444p") and decodes("torch", "h264", "yuv444p")
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+class Shifted:
+    """A deliberately wrong backend: a real loader whose pixels come out shifted."""
+
+    def __init__(self, loader, shift: float):
+        self.loader, self.shift, self.failures = loader, shift, loader.failures
+
+    def __iter__(self):
+        for b in self.loader:
+            b.video = b.video + self.shift
+            yield b
+
+
+def shifted(shift):
+    def make(spec, data, loader_cfg, backend):
+        return Shifted(build_loader(spec, data, loader_cfg, backend), shift)
+    return make
+
+
+@pytest.fixture()
+def vp9_cfg():
+    return load_config("demo", ["data.num_frames=8", "loader.workers=1"])
+
+
+def test_dali_cpu_passes_and_a_shifted_backend_fails(synth_vp9, vp9_cfg):
+    m = Manifest.load(synth_vp9)
+    good = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu")
+    assert good.ok and good.clips == 4 and good.mean_abs_diff < MEAN_TOL
+    assert 0 < good.max_abs_diff < 2.5  # decoders differ a little, never by much
+    bad = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu",
+                  make_loader=shifted(0.2))
+    assert bad.ok is False and bad.mean_abs_diff == pytest.approx(0.2, abs=0.05)
+    assert bad.worst.endswith(".mp4") and "differs from the CPU reference" in bad.line()
+
+
+def test_a_mismatch_stops_training_with_one_line(synth_vp9, vp9_cfg, caplog):
+    m = Manifest.load(synth_vp9)
+    with pytest.raises(UserError) as e:
+        check_backend(vp9_cfg, m, "video", "dali-cpu", torch.device("cpu"), shifted(0.3))
+    msg = str(e.value)
+    assert "\n" not in msg and "dali-cpu" in msg and "loader.verify=warn" in msg
+    assert "0.3" in msg and ".mp4" in msg  # the difference and the clip
+    vp9_cfg.loader.verify = "warn"
+    with caplog.at_level(logging.WARNING, logger="meld_dali.verify"):
+        picked = check_backend(vp9_cfg, m, "video", "dali-cpu", torch.device("cpu"),
+                               shifted(0.3))
+    assert picked == "torch" and "training with torch instead" in caplog.text
+    vp9_cfg.loader.verify = "off"
+    assert check_backend(vp9_cfg, m, "video", "dali-cpu", torch.device("cpu"),
+                         shifted(0.3)) == "dali-cpu"
+
+
+def test_training_verifies_a_dali_backend_first(synth_vp9, tiny_cfg, caplog):
+    tiny_cfg.loader.backend = "dali-cpu"
+    tiny_cfg.data.root = str(synth_vp9)
+    with caplog.at_level(logging.INFO, logger="meld_dali.verify"):
+        backend, train, _ = build_loaders(tiny_cfg, Manifest.load(synth_vp9),
+                                          torch.device("cpu"), Dist())
+    assert backend == "dali-cpu" and train.backend == "dali-cpu"
+    assert "verified dali-cpu against the CPU reference on 4 dev clips" in caplog.text
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+@pytest.fixture(scope="module")
+def doctor(synth_vp9, tmp_path_factory):
+    """One doctor run here, with --data (VP9 clips + frame folders) and --json."""
+    out = tmp_path_factory.mktemp("doctor")
+    r = cli("doctor", "--data", synth_vp9, "--out", out / "runs", "--json", out / "d.json")
+    return r, json.loads((out / "d.json").read_text()) if (out / "d.json").exists() else {}
+
+
+def test_doctor_passes_here_and_fits_80_columns(doctor):
+    r, rep = doctor
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    assert "ok: every check that ran passed" in r.stdout and "Traceback" not in r.stderr
+    if not torch.cuda.is_available():
+        assert re.search(r"dali-gpu +h264 640x360 +no: no CUDA device is visible", r.stdout)
+    assert re.search(r"dali-cpu +h264 640x360 +no: DALI's CPU video decoder", r.stdout)
+
+
+def test_doctor_verifies_dali_cpu_and_torch_on_generated_and_given_clips(doctor):
+    _, rep = doctor
+    ok = {(c["group"], c["backend"], c["data"] if c["group"] == "generated" else c["source"])
+          for c in rep["checks"] if c["ok"]}
+    assert {("generated", "dali-cpu", "vp9 640x360"), ("generated", "dali-cpu", "mjpeg 640x360"),
+            ("generated", "dali-cpu", "jpeg frames"), ("generated", "torch", "h264 640x360"),
+            ("generated", "torch", "jpeg frames"), ("data", "dali-cpu", "video"),
+            ("data", "dali-cpu", "frames"), ("data", "torch", "video")} <= ok
+    for c in rep["checks"]:
+        if c["ok"]:
+            assert c["clips"] == 4 and c["mean_abs_diff"] <= rep["tolerance"]["mean"]
+        elif c["ok"] is None:
+            assert c["error"]  # why it cannot run here
+    no_gpu = [c for c in rep["checks"] if c["backend"] == "dali-gpu"]
+    assert all(c["ok"] is None for c in no_gpu) or torch.cuda.is_available()
+
+
+def test_doctor_json_fields(doctor, synth_vp9):
+    _, rep = doctor
+    assert rep["ok"] is True and rep["failures"] == []
+    m = rep["machine"]
+    for key in ("python", "torch", "cuda", "driver", "gpu", "nvdec", "nvjpg", "dali", "pyav",
+                "ffmpeg", "cores", "memory_free_gb"):
+        assert key in m, key
+    assert [d["what"] for d in rep["disk"]] == ["run folder", "cache"]
+    assert all(d["writable"] and d["free_gb"] > 0 for d in rep["disk"])
+    assert rep["auto"]["data"] == str(synth_vp9)
+    for cmd in ("train", "evaluate"):
+        pick = rep["auto"][cmd]
+        assert pick["verified"] and pick["source"] == "frames"  # auto: frames when extracted
+        assert pick["backend"] == ("dali-gpu" if torch.cuda.is_available() else "torch")
+
+
+def test_doctor_without_a_manifest_is_one_line(tmp_path, capfd):
+    from meld_dali.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "--data", str(tmp_path)])
+    err = capfd.readouterr().err
+    assert e.value.code == 1 and "meld-dali prepare" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- rough edges
+
+
+@pytest.fixture(scope="module")
+def relative_run(synth_root, tmp_path_factory):
+    """A tiny run trained from its own folder with a relative data root (data -> the synth
+    root), as a newcomer does with `--data data`."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "data").symlink_to(synth_root)
+    cfg = load_config("demo", ["train.epochs=1", "train.max_steps_per_epoch=1",
+                               "data.num_frames=4", "model.hidden=[32, 16]",
+                               "train.batch_size=4", "loader.workers=0", "data.root=data"])
+    here = os.getcwd()
+    os.chdir(home)
+    try:
+        run_training(cfg, "run")
+    finally:
+        os.chdir(here)
+    yield home / "run" / "checkpoints" / "best.pt"
+    shutil.rmtree(home)  # its checkpoints are ~400 MB each
+
+
+def test_evaluate_from_another_folder_finds_the_data(relative_run, tmp_path, monkeypatch):
+    loaded = load_for_inference(relative_run, "cpu")
+    root = loaded.cfg.data.root
+    assert os.path.isabs(root) and root == str(relative_run.parents[2] / "data")
+    monkeypatch.chdir(tmp_path)  # evaluate CKPT run from another folder: no --data
+    result = evaluate(loaded, None, "dev", backend="torch")
+    assert result["n"] == len(Manifest.load(root).ok("dev")) > 0
+
+
+def test_predict_table_keeps_names_and_emotions_whole_at_80_columns(relative_run, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "first_camera_take" / "dia1_utt2.mp4",
+             tmp_path / "second_camera_take" / "dia1_utt2.mp4",
+             tmp_path / "an_unusually_long_recording_name.mp4"]
+    for p in paths:
+        p.parent.mkdir(exist_ok=True)
+        write_video(p, render_clip(1, 12, 64, 48, rng), "h264")
+    r = cli("predict", relative_run, *paths, "--device", "cpu", columns=80)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in ("first_camera_take/dia1_utt2.mp4", "second_camera_take/dia1_utt2.mp4",
+                 "an_unusually_long_recording_name.mp4"):
+        row = next(line for line in lines if line.startswith(name))
+        assert row.split()[1] in EMOTIONS  # the emotion, whole
+    assert "probabilities, the highest (all: --json)" in r.stdout  # fewer columns fit
+
+
+def test_workers_auto_is_the_machine_and_draws_no_warning(synth_root):
+    cfg = load_config("seed", ["data.num_frames=4", "data.crop_size=32",
+                               "data.short_side=36", "train.batch_size=2"])
+    assert cfg.loader.workers == "auto" and cfg.loader.num_workers == cpu_cores()
+    m = first_clips(Manifest.load(synth_root), "dev", 2)  # one batch: seconds
+
+    def warnings_of(loader_cfg):
+        spec = LoaderSpec(m, "dev", False, 2, 0, source="video")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            next(iter(build_loader(spec, cfg.data, loader_cfg, "torch")))
+        return [str(w.message) for w in caught if "worker" in str(w.message)]
+
+    assert warnings_of(cfg.loader) == []
+    too_many = cfg.loader.model_copy(update={"workers": cpu_cores() + 1})
+    assert any("worker processes in total" in w for w in warnings_of(too_many))
