@@ -71,9 +71,14 @@ def kill_workers_at_exit() -> None:
     import multiprocessing
 
     def kill_daemons() -> None:
-        for p in multiprocessing.active_children():
-            if p.daemon:
-                p.kill()
+        daemons = [p for p in multiprocessing.active_children() if p.daemon]
+        if daemons:
+            # torch's SIGCHLD handler would report these deaths as a failed worker
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for p in daemons:
+            p.kill()
+        for p in daemons:
+            p.join()
 
     atexit.register(kill_daemons)
 
