@@ -25,6 +25,7 @@ from meld_dali.manifest import Manifest
 BACKENDS = ["dali-gpu", "dali-cpu", "torch"]
 
 
+@pytest.mark.slow
 def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
     pytest.importorskip("nvidia.dali")
     cfg = load_config("demo", ["data.num_frames=8", "loader.workers=2"])
@@ -64,6 +65,7 @@ def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
     assert name.startswith("loader-uint8-fp32-torch") and "cpu" in name
 
 
+@pytest.mark.slow
 def test_bench_train_synthetic_and_torch(synth_root, tmp_path):
     cfg = load_config("demo", ["data.num_frames=4", "train.batch_size=2", "loader.workers=0",
                                "model.hidden=[32, 16]"])
@@ -82,6 +84,7 @@ def test_bench_train_synthetic_and_torch(synth_root, tmp_path):
     assert "synthetic" in console.export_text()
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_json(synth_vp9, tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "meld_dali", "bench", "loader", "--data",
@@ -138,6 +141,7 @@ def test_describe_input(synth_vp9):
     assert f["codec"] == "jpeg" and f["mbit_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_quick_cli_labelled_and_warmed(tmp_path, monkeypatch):
     from meld_dali import cli
 

@@ -137,6 +137,7 @@ def doctor(synth_vp9, tmp_path_factory):
     return r, json.loads((out / "d.json").read_text()) if (out / "d.json").exists() else {}
 
 
+@pytest.mark.slow
 def test_doctor_passes_here_and_fits_80_columns(doctor):
     r, rep = doctor
     assert r.returncode == 0, r.stdout + r.stderr
@@ -147,6 +148,7 @@ def test_doctor_passes_here_and_fits_80_columns(doctor):
     assert re.search(r"dali-cpu +h264 640x360 +no: DALI's CPU video decoder", r.stdout)
 
 
+@pytest.mark.slow
 def test_doctor_verifies_dali_cpu_and_torch_on_generated_and_given_clips(doctor):
     _, rep = doctor
     ok = {(c["group"], c["backend"], c["data"] if c["group"] == "generated" else c["source"])
@@ -164,6 +166,7 @@ def test_doctor_verifies_dali_cpu_and_torch_on_generated_and_given_clips(doctor)
     assert all(c["ok"] is None for c in no_gpu) or torch.cuda.is_available()
 
 
+@pytest.mark.slow
 def test_doctor_json_fields(doctor, synth_vp9):
     _, rep = doctor
     assert rep["ok"] is True and rep["failures"] == []
@@ -212,6 +215,7 @@ def relative_run(synth_root, tmp_path_factory):
     shutil.rmtree(home)  # its checkpoints are ~400 MB each
 
 
+@pytest.mark.slow
 def test_evaluate_from_another_folder_finds_the_data(relative_run, tmp_path, monkeypatch):
     loaded = load_for_inference(relative_run, "cpu")
     root = loaded.cfg.data.root
@@ -221,6 +225,7 @@ def test_evaluate_from_another_folder_finds_the_data(relative_run, tmp_path, mon
     assert result["n"] == len(Manifest.load(root).ok("dev")) > 0
 
 
+@pytest.mark.slow
 def test_predict_table_keeps_names_and_emotions_whole_at_80_columns(relative_run, tmp_path):
     rng = np.random.default_rng(0)
     paths = [tmp_path / "first_camera_take" / "dia1_utt2.mp4",

@@ -12,6 +12,9 @@ from meld_dali.inference import evaluate, load_for_inference, predict_file
 from meld_dali.launch import run_training
 from meld_dali.synth import render_clip, write_video
 
+# every test here scores a trained run (module fixture): the slow tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run(synth_root, tmp_path_factory):

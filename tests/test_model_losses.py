@@ -48,6 +48,7 @@ def model():
     return SlowFastMELD(ModelConfig(hidden=[32, 16]))
 
 
+@pytest.mark.slow
 def test_padded_frames_change_nothing(model):
     model.eval()
     g = torch.Generator().manual_seed(1)
@@ -65,6 +66,7 @@ def test_padded_frames_change_nothing(model):
         assert not torch.allclose(a[0], model(noisy, mask)[0])
 
 
+@pytest.mark.slow
 def test_unfreezing_flips_exactly_the_stage(model):
     model.set_trainable(set())
     model.train()
@@ -79,6 +81,7 @@ def test_unfreezing_flips_exactly_the_stage(model):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_pretrained_offline_keeps_random_init(model, tmp_path, caplog):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # a download that fails (no network here) keeps the random init and says so

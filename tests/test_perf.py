@@ -22,6 +22,7 @@ TINY = ["data.num_frames=4", "data.crop_size=32", "data.short_side=36", "train.b
         "loader.workers=0", "model.hidden=[32, 16]", "tracking.wandb=false"]
 
 
+@pytest.mark.slow
 def test_forward_flops_match_pytorchvideo_zoo():
     """pytorchvideo's zoo: SlowFast R50 8x8 = 65.7 GMACs per view, counted by fvcore (1 per
     MAC) at its test size, 32 frames of 256x256 (3-crop testing). FlopCounterMode counts 2
@@ -32,6 +33,7 @@ def test_forward_flops_match_pytorchvideo_zoo():
     assert flops / 2 / 1e9 == pytest.approx(65.7, rel=0.10)
 
 
+@pytest.mark.slow
 def test_lazy_loss_gives_the_same_epoch_average():
     cfg = load_config("demo", [*TINY, "train.accum_steps=2", "train.epochs=1"])
     loader = SyntheticLoader.random(22, 4, 32, 4)  # 6 batches, the last one short (2 clips)
@@ -59,6 +61,7 @@ def test_lazy_loss_gives_the_same_epoch_average():
     assert EpochStats.from_state(state).as_dict() == stats.as_dict()
 
 
+@pytest.mark.slow
 def test_regional_compile_no_recompile_on_short_batch_or_after_unfreeze():
     """aot_eager (traces forward and backward like inductor, no C++ build): an unfreezing
     compiles the graphs whose gradients change once (a new backward is genuinely needed),
@@ -113,6 +116,7 @@ def test_flags_resolve_on_cpu():
         parse_stages("res2")
 
 
+@pytest.mark.slow
 def test_bench_train_stages_all(synth_root):
     from meld_dali.manifest import Manifest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from meld_dali.config import EMOTIONS
@@ -127,6 +128,7 @@ def test_evaluation_table_fits_80_columns():
                        "weighted F1", "all-neutral"])
 
 
+@pytest.mark.slow
 def test_short_run_draws_curves_prints_progress_and_summary(synth_root, tiny_cfg, tmp_path):
     from meld_dali.launch import run_training
 

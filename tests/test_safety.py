@@ -143,6 +143,7 @@ def test_a_second_prepare_on_a_locked_cache_or_manifest_is_refused(raw_root, tmp
         assert f"pid {pid}" in err and "manifest folder" in err, err
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_no_process_behind(tmp_path):
     """SIGKILL to `prepare --cache`: its pool workers die with it (no orphans), and the
     same command afterwards finishes the job."""
@@ -222,6 +223,7 @@ def stopped_in_epoch_0(cfg, run: Path) -> Path:
     return run / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow
 def test_run_folder_is_never_started_over(synth_root, tiny_cfg, tmp_path):
     tiny_cfg.data.root = str(synth_root)
     tiny_cfg.train.checkpoint_every_steps = 1
@@ -251,6 +253,7 @@ def test_run_folder_is_never_started_over(synth_root, tiny_cfg, tmp_path):
     assert os.listdir(tmp_path / "other") == [FolderLock.NAME]
 
 
+@pytest.mark.slow
 def test_torn_metrics_line_is_dropped_on_resume(synth_root, tiny_cfg, tmp_path, caplog):
     caplog.set_level(logging.INFO)  # the reporter's lines
     tiny_cfg.data.root = str(synth_root)
@@ -267,6 +270,7 @@ def test_torn_metrics_line_is_dropped_on_resume(synth_root, tiny_cfg, tmp_path, 
     assert "dropped 1 unreadable line" in caplog.text
 
 
+@pytest.mark.slow
 def test_resume_past_a_lowered_step_cap_ends_the_epoch(synth_root, tiny_cfg, tmp_path):
     """Stopped after 2 of 3 optimizer steps, resumed with max_steps_per_epoch=1: the epoch
     is over at once (before: a negative group size negated that epoch's gradients)."""

@@ -54,6 +54,7 @@ class CraftedPickle:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_crafted_checkpoint_runs_no_code(tmp_path, synth_root):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"

@@ -29,6 +29,7 @@ def trained_run(synth_root, tmp_path_factory):
     shutil.rmtree(run.parent)  # five ~400 MB checkpoints: gone once the module is done
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(trained_run):
     run, _ = trained_run
     runs = list((run / "wandb").glob("offline-run-*"))
@@ -40,6 +41,7 @@ def test_wandb_offline_run_holds_the_metrics(trained_run):
     assert b"focal_gamma" in data  # the config went in too
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_k_step_copies(trained_run):
     run, _ = trained_run
     assert len(list((run / "checkpoints").glob("step*.pt"))) == 2
@@ -70,6 +72,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_hub_push_is_one_commit_with_the_expected_files(trained_run):
     run, _ = trained_run
     api = RecordingApi(fail=1)
@@ -92,6 +95,7 @@ def test_hub_push_is_one_commit_with_the_expected_files(trained_run):
             assert local.encode() not in content, (name, local)
 
 
+@pytest.mark.slow
 def test_hub_failure_never_touches_local_files(trained_run, caplog):
     run, _ = trained_run
     before = {p.name: digest(p) for p in (run / "checkpoints").glob("*.pt")}
@@ -102,6 +106,7 @@ def test_hub_failure_never_touches_local_files(trained_run, caplog):
     assert before == {p.name: digest(p) for p in (run / "checkpoints").glob("*.pt")}
 
 
+@pytest.mark.slow
 def test_hub_without_token_is_skipped_with_one_line(trained_run, caplog, monkeypatch):
     run, _ = trained_run
     monkeypatch.setenv("HF_TOKEN", "")

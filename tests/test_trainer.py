@@ -129,6 +129,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run(synth_root, tiny_cfg, tmp_path):
     tiny_cfg.data.root = str(synth_root)
     tiny_cfg.train.max_steps_per_epoch = 2
@@ -150,6 +151,7 @@ def test_tiny_end_to_end_run(synth_root, tiny_cfg, tmp_path):
         run_training(tiny_cfg, run)
 
 
+@pytest.mark.slow
 def test_resume_equality_across_unfreezing(synth_root, tiny_cfg, tmp_path):
     """3 epochs straight == 1 epoch, save, reload, 2 more (bit-exact on CPU), with the
     unfreezing of res4/res3 happening after the resume point."""
@@ -191,6 +193,7 @@ class StopAtStep:
     def finish(self): ...
 
 
+@pytest.mark.slow
 def test_resume_equality_mid_epoch_in_process(synth_root, tiny_cfg, tmp_path):
     """N steps straight == stop mid-epoch after k steps (last.pt written to disk), build a
     new trainer from that file, train the rest: bit-exact on CPU, accumulation included."""
@@ -215,6 +218,7 @@ def test_resume_equality_mid_epoch_in_process(synth_root, tiny_cfg, tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
+@pytest.mark.slow
 def test_micro_step_survives_skipped_clips(synth_root, tiny_cfg, tmp_path):
     """A whole batch of unreadable clips early in epoch 0 puts the loader's position ahead
     of the micro-batches trained; the resumed run must form the same accumulation groups."""
@@ -250,6 +254,7 @@ def test_micro_step_survives_skipped_clips(synth_root, tiny_cfg, tmp_path):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(synth_root, tiny_cfg, tmp_path):
     tiny_cfg.data.root = str(synth_root)
     tiny_cfg.train.epochs = 1
@@ -260,6 +265,7 @@ def test_resume_refuses_another_config(synth_root, tiny_cfg, tmp_path):
         run_training(tiny_cfg, tmp_path / "r", resume="auto")
 
 
+@pytest.mark.slow
 def test_garbage_last_checkpoint_falls_back_to_previous(synth_root, tiny_cfg, tmp_path):
     tiny_cfg.data.root = str(synth_root)
     tiny_cfg.train.epochs = 2
