@@ -10,6 +10,7 @@ clip, bitrate) and says how many epochs its timed window spans.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -163,7 +164,12 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
             row["peer"] = bool(peer)
             if peer:
                 row["gaps"] = list(peer.gaps)
+            # its workers end here, not while the next loader's are measured (or forked:
+            # a forked child that collects an inherited DataLoader iterator raises "can only
+            # test a child process"): a loader can sit in a reference cycle (the torch
+            # loader's sampler refers back to it) that only the collector frees
             del loader
+            gc.collect()
             results.append(row)
         if progress:
             progress.advance(task)

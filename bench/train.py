@@ -17,6 +17,7 @@ backbone has no backward through it, so no 3x-forward rule of thumb is used).
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import time
 
@@ -256,6 +257,8 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
                                              flops)})
             if progress:
                 progress.advance(task)
+        del loader
+        gc.collect()  # its workers end before the next loader's start (see bench.loader)
     amp = cfg.train.amp if device.type == "cuda" else "off"
     if dataset is None and manifest is not None:
         dataset = {"kind": "user", "root": str(manifest.base)}
