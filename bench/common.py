@@ -139,11 +139,15 @@ class ResourceMonitor:
         return process_tree(self.proc)
 
     def _cpu_seconds(self) -> float:
+        """CPU time of the tree, workers that have ended included (a DataLoader without
+        persistent workers starts new ones every epoch)."""
         total = 0.0
         for p in self._tree():
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
+                if p is self.proc:
+                    total += t.children_user + t.children_system
             except psutil.Error:
                 pass
         return total

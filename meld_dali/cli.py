@@ -267,7 +267,7 @@ def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
 
 
 PEERS_HELP = ("other tools doing the same work, side by side: all, none or any of seed, "
-              "pytorchvideo, torchcodec (extras: pip install -e \".[peers]\")")
+              "pytorchvideo, torchcodec (extras: pip install -e \".\\[peers]\")")
 
 
 @bench_app.command("loader")

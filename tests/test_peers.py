@@ -190,3 +190,21 @@ def test_bench_train_feeds_the_trainer_from_a_peer(cached, tmp_path, monkeypatch
     console = Console(record=True, width=200)
     console.print(train_table(report))
     assert "peer seed (frames): jpeg frames, short side 36" in console.export_text()
+
+
+def test_cpu_of_workers_that_ended_is_counted():
+    """pytorchvideo's DataLoader starts new workers every epoch: the CPU time of the ones
+    that ended inside the window counts."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from meld_dali.bench.common import ResourceMonitor
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    t0 = time.perf_counter()
+    with ResourceMonitor(interval=10) as mon:
+        subprocess.run([sys.executable, "-c", busy], check=True)
+    cpu_s = mon.cpu_util * (time.perf_counter() - t0) * os.cpu_count()
+    assert cpu_s >= 0.45
