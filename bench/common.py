@@ -141,11 +141,15 @@ class ResourceMonitor:
         return process_tree(self.proc)
 
     def _cpu_seconds(self) -> float:
+        """CPU time of the tree, workers that have ended included (a DataLoader without
+        persistent workers starts new ones every epoch)."""
         total = 0.0
         for p in self._tree():
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
+                if p is self.proc:
+                    total += t.children_user + t.children_system
             except psutil.Error:
                 pass
         return total
@@ -268,20 +272,28 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
                   "cache_codec": cache_codec, "size_mb": mb}
 
 
-def describe_input(manifest, split: str, source: str) -> dict:
+def describe_input(manifest, split: str, source: str, paths: list | None = None) -> dict:
     """What a benchmark read: resolution, codec, mean frames per clip and bitrate (Mbit/s,
     file bytes over playing time) of a split's loadable clips, for the video files, the
-    JPEG frame folders or the clip cache."""
+    JPEG frame folders or the clip cache (`paths`: where each clip is, when not where the
+    manifest says: a peer's own frame folders)."""
+    from PIL import Image
+
     from meld_dali.data.decode import clip_source_path
 
     rows = [manifest.clips[i] for i in manifest.ok(split)]
     frames = [c.num_frames for c in rows]
     seconds = sum(c.num_frames / (c.fps or 24) for c in rows)
     sizes = collections.Counter(f"{c.width}x{c.height}" for c in rows)
-    paths = [clip_source_path(manifest, c, source) for c in rows]
+    paths = paths or [clip_source_path(manifest, c, source) for c in rows]
     if source == "frames":
-        nbytes = sum(f.stat().st_size for p in paths if p and p.is_dir() for f in p.iterdir())
-        resolution, codec = f"short side {manifest.meta.get('short_side')}", "jpeg"
+        folders = [p for p in paths if p and p.is_dir()]
+        nbytes = sum(f.stat().st_size for p in folders for f in p.iterdir())
+        side = "?"
+        if folders:  # the frames' own size: a peer may have extracted them itself
+            with Image.open(min(folders[0].iterdir())) as img:
+                side = min(img.size)
+        resolution, codec = f"short side {side}", "jpeg"
     else:
         nbytes = sum(p.stat().st_size for p in paths if p and p.is_file())
         if source == "cache":

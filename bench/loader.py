@@ -10,6 +10,7 @@ clip, bitrate) and says how many epochs its timed window spans.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -27,6 +28,7 @@ from meld_dali.bench.common import (
     tree_memory,
     with_unavailable,
 )
+from meld_dali.bench.peers import Peer, peer_problem, peer_sources
 
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import LoaderSpec
@@ -106,44 +108,71 @@ def soak(loader, epochs: int) -> dict:
             "rss_growth_mb": rss[-1] - rss[second] if rss else 0.0}
 
 
+def _row(loader, backend: str, source: str, described: dict, warmup: int, batches: int,
+         repeats: int, device, soak_epochs: int, train_clips: int) -> dict:
+    """Time one built loader (ours or a peer's): one result row."""
+    per_epoch = len(loader)  # before timing: the position is at an epoch start
+    row = {"backend": backend, "source": source, "input": described,
+           **time_loader(loader, batches, repeats, warmup, device)}
+    epoch_clips = getattr(loader, "num_clips", train_clips)  # what one pass takes
+    row["batches_per_epoch"], row["epoch_clips"] = per_epoch, epoch_clips
+    row["epochs_in_window"] = row["timed_clips"] / max(epoch_clips, 1)
+    row["epoch_boundaries_in_window"] = window(warmup, batches * repeats, per_epoch)
+    if soak_epochs:
+        row["soak"] = soak(loader, soak_epochs)
+    return row
+
+
 def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                  backends: list[str], sources: list[str], *, batches: int = 10,
                  repeats: int = 3, warmup: int | None = None, batch_size: int = 8,
                  split: str = "train", device: torch.device | None = None, progress=None,
-                 soak_epochs: int = 0, dataset: dict | None = None) -> dict:
+                 soak_epochs: int = 0, dataset: dict | None = None,
+                 peers: list[Peer] = ()) -> dict:
     """`warmup`: the least number of warm-up batches (None: automatic, see auto_warmup;
-    the larger of the two is used). `dataset`: what the data set is (kind, spec), recorded."""
+    the larger of the two is used). `dataset`: what the data set is (kind, spec), recorded.
+    `peers`: other tools doing the same work (bench.peers), timed the same way after ours;
+    their rows have `"peer": true`, every row a `vs_seed` ratio."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results, unavailable, warnings, inputs = [], [], [], {}
     train_clips = len(manifest.ok(split))
-    task = progress.add_task("bench loader", total=len(backends) * len(sources)) \
-        if progress else None
-    for source in sources:
-        for backend in backends:
-            why = (source_problem(manifest, source)
-                   or backend_problem(backend, manifest, split, source))
-            if why:
-                unavailable.append({"backend": backend, "source": source, "reason": why})
+    timing = dict(batches=batches, repeats=repeats, device=device, soak_epochs=soak_epochs,
+                  train_clips=train_clips)
+    jobs = [(b, s, None) for s in sources for b in backends]
+    jobs += [(p.name, s, p) for p in peers for s in peer_sources(p, sources)]
+    task = progress.add_task("bench loader", total=len(jobs)) if progress else None
+    for name, source, peer in jobs:
+        why = ((peer_problem(peer) or ("" if peer.name == "seed" else
+                                       source_problem(manifest, source))) if peer
+               else (source_problem(manifest, source)
+                     or backend_problem(name, manifest, split, source)))
+        if why:
+            unavailable.append({"backend": name, "source": source, "reason": why,
+                                "peer": bool(peer)})
+        else:
+            spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
+                              source=source)
+            loader = (peer.build(spec, data, loader_cfg) if peer
+                      else build_loader(spec, data, loader_cfg, name))
+            wu = max(auto_warmup("torch" if peer else name, loader_cfg), warmup or 0)
+            if peer and peer.name == "seed":  # its own folders, maybe not the manifest's
+                described = describe_input(manifest, split, source, loader.paths)
+                inputs.setdefault(source, described)
             else:
-                spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
-                                  source=source)
-                loader = build_loader(spec, data, loader_cfg, backend)
-                wu = max(auto_warmup(backend, loader_cfg), warmup or 0)
-                if source not in inputs:
-                    inputs[source] = describe_input(manifest, split, source)
-                per_epoch = len(loader)  # before timing: the position is at an epoch start
-                row = {"backend": backend, "source": source, "input": inputs[source],
-                       **time_loader(loader, batches, repeats, wu, device)}
-                epoch_clips = getattr(loader, "num_clips", train_clips)  # what one pass takes
-                row["batches_per_epoch"], row["epoch_clips"] = per_epoch, epoch_clips
-                row["epochs_in_window"] = row["timed_clips"] / max(epoch_clips, 1)
-                row["epoch_boundaries_in_window"] = window(wu, batches * repeats, per_epoch)
-                if soak_epochs:
-                    row["soak"] = soak(loader, soak_epochs)
-                del loader
-                results.append(row)
-            if progress:
-                progress.advance(task)
+                described = inputs.setdefault(source, describe_input(manifest, split, source))
+            row = _row(loader, name, source, described, wu, **timing)
+            row["peer"] = bool(peer)
+            if peer:
+                row["gaps"] = list(peer.gaps)
+            # its workers end here, not while the next loader's are measured (or forked:
+            # a forked child that collects an inherited DataLoader iterator raises "can only
+            # test a child process"): a loader can sit in a reference cycle (the torch
+            # loader's sampler refers back to it) that only the collector frees
+            del loader
+            gc.collect()
+            results.append(row)
+        if progress:
+            progress.advance(task)
     crossing = [f"{r['backend']}/{r['source']} {r['epoch_boundaries_in_window']}"
                 for r in results if r["epoch_boundaries_in_window"]]
     if crossing:
@@ -154,10 +183,12 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
             "each boundary restarts the loader's prefetch inside the timing"
             + ("; by design for the MELD-shaped set (see README)"
                if (dataset or {}).get("kind") == "meld-shaped" else ""))
-    for row in results:  # ratios against the torch baseline of the same source
+    seed = next((r for r in results if r["peer"] and r["backend"] == "seed"), None)
+    for row in results:  # ratios against the torch baseline of the same source, the seed
         base = next((r for r in results if r["backend"] == "torch"
                      and r["source"] == row["source"]), None)
         row["vs_torch"] = row["clips_per_s"] / base["clips_per_s"] if base else None
+        row["vs_seed"] = row["clips_per_s"] / seed["clips_per_s"] if seed else None
     return {"env": environment(),
             "dataset": dataset or {"kind": "user", "root": str(manifest.base)},
             "settings": {"batch_size": batch_size, "workers": loader_cfg.num_workers,
@@ -167,7 +198,8 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                          "warmup_min": warmup, "batches": batches, "repeats": repeats,
                          "timed_batches": batches * repeats,
                          "timed_clips": batches * repeats * batch_size,
-                         "manifest": str(manifest.path)},
+                         "manifest": str(manifest.path),
+                         "peers": [p.name for p in peers]},
             "inputs": inputs, "results": results, "unavailable": unavailable,
             "warnings": warnings}
 
@@ -182,26 +214,45 @@ def render_table(report: dict):
                       "memory of the process tree, GPU: peak device memory, both MB"
                       f"{'; PSS+: growth over the soak' if soaked else ''})",
                       with_unavailable(caption(report), report))
-    for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch", "CPU",
-                "PSS", "GPU") + (("PSS+",) if soaked else ()):
+    peers = bool(s.get("peers"))
+    for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch",
+                *(("vs seed",) if peers else ()), "CPU", "PSS", "GPU",
+                *(("PSS+",) if soaked else ())):
         t.add_column(col, justify="left" if col in ("backend", "source") else "right")
-    for r in report["results"]:
-        t.add_row(r["backend"], r["source"], f"{r['clips_per_s']:.1f}",
-                  f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}",
-                  f"{r['frames_per_s']:.0f}",
-                  f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-",
-                  f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
-                  f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
-                  *((f"{r['soak']['mem_growth_mb']:+.0f}",) if soaked else ()))
-    for u in report["unavailable"]:  # the reasons are in the caption
-        t.add_row(u["backend"], u["source"], "n/a", *["-"] * (len(t.columns) - 3))
+    for group in (False, True):  # ours, then the peers below a line
+        rows = [r for r in report["results"] if r.get("peer", False) == group]
+        gone = [u for u in report["unavailable"] if u.get("peer", False) == group]
+        if group and (rows or gone) and t.rows:
+            t.add_section()
+        for r in rows:
+            t.add_row(r["backend"], r["source"], f"{r['clips_per_s']:.1f}",
+                      f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}",
+                      f"{r['frames_per_s']:.0f}", _ratio(r["vs_torch"]),
+                      *((_ratio(r["vs_seed"]),) if peers else ()),
+                      f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
+                      f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
+                      *((f"{r['soak']['mem_growth_mb']:+.0f}",) if soaked else ()))
+        for u in gone:  # the reasons are in the caption
+            t.add_row(u["backend"], u["source"], "n/a", *["-"] * (len(t.columns) - 3))
     return t
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x else "-"
 
 
 def caption(report: dict) -> str:
     """The inputs each source row was measured on, and the timed window."""
     lines = [f"{src}: {input_label(d)}" for src, d in report.get("inputs", {}).items()]
     rows = report["results"]
+    seed = next((r for r in rows if r.get("peer") and r["backend"] == "seed"), None)
+    if seed and seed["input"] != report.get("inputs", {}).get("frames"):
+        lines.append(f"seed's frames: {input_label(seed['input'])}")
+    if report["settings"].get("peers"):
+        lines.append("below the line: peers, other tools doing the same work (vs seed: "
+                     "clips/s over the seed peer's); what each lacks:")
+        gaps = {r["backend"]: r["gaps"] for r in rows if r.get("peer")}
+        lines += [f"  {name}: {'; '.join(g)}" for name, g in gaps.items()]
     if rows:
         r = rows[0]
         wu = sorted({x["warmup_batches"] for x in rows})

@@ -17,6 +17,7 @@ backbone has no backward through it, so no 3x-forward rule of thumb is used).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import torch
@@ -28,9 +29,10 @@ from meld_dali.bench.common import (
     input_label,
     with_unavailable,
 )
+from meld_dali.bench.peers import Peer, peer_problem, peer_source
 
 from meld_dali.config import Config
-from meld_dali.data.base import SyntheticLoader
+from meld_dali.data.base import LoaderSpec, SyntheticLoader
 from meld_dali.data.select import backend_problem, resolve_source, source_problem
 from meld_dali.evaluation import Dist
 from meld_dali.hardware import gpu_facts
@@ -188,8 +190,9 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
 def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, steps: int,
                 warmup: int, source: str = "auto", progress=None,
                 dataset: dict | None = None, stages: list[str] | None = None,
-                variant: str | None = None) -> dict:
-    """One row per (backend, stage); `stages` defaults to res3 (the costliest)."""
+                variant: str | None = None, peers: list[Peer] = ()) -> dict:
+    """One row per (backend, stage); `stages` defaults to res3 (the costliest). `peers`:
+    other tools' loaders (bench.peers) feed the same trainer too, rows `"peer": true`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = copy.deepcopy(cfg)  # this bench's own settings: one optimizer step per batch
     cfg.train.accum_steps = 1
@@ -204,33 +207,41 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
     results, unavailable = [], []
     described = None
     flops: dict = {}
-    task = (progress.add_task("bench train", total=len(backends) * len(stages))
+    jobs = [(b, None) for b in backends] + [(p.name, p) for p in peers]
+    task = (progress.add_task("bench train", total=len(jobs) * len(stages))
             if progress else None)
-    for backend in backends:  # one loader per backend, reused by every stage
-        why = ""
+    for backend, peer in jobs:  # one loader per backend, reused by every stage
+        why, row = "", {"backend": backend, "peer": bool(peer)}
         if backend == "synthetic":
             n = B * (steps + warmup + 1)
             loader = SyntheticLoader.random(n, T, S, B, device=device, dtype=dtype,
                                             channels_last=cl)
         elif manifest is None:
             why = "no dataset"
+        elif peer:
+            row["source"] = peer_source(peer, manifest, resolved)
+            why = peer_problem(peer)
+            if not why:
+                spec = LoaderSpec(manifest, cfg.data.train_split, True, B, cfg.train.seed,
+                                  device, dtype, cl, source=row["source"])
+                loader = peer.build(spec, cfg.data, cfg.loader)
+                row["input"] = describe_input(manifest, cfg.data.train_split, row["source"],
+                                              loader.paths)
         else:
             why = (source_problem(manifest, resolved)
                    or backend_problem(backend, manifest, cfg.data.train_split, resolved))
             if not why:
                 _, loader, _ = build_loaders(cfg, manifest, device, Dist(), backend=backend)
-                if len(loader) < steps:
-                    why = (f"dataset too small: {len(loader)} batches per epoch < "
-                           f"{steps} timed steps")
+        if not why and len(loader) < steps:
+            why = f"dataset too small: {len(loader)} batches per epoch < {steps} timed steps"
         if why:
-            unavailable.append({"backend": backend, "reason": why})
+            unavailable.append({**row, "reason": why})
             if progress:
                 progress.advance(task, len(stages))
             continue
-        row = {"backend": backend}
         if variant:
             row["variant"] = variant
-        if backend != "synthetic":
+        if backend != "synthetic" and not peer:
             described = described or describe_input(manifest, cfg.data.train_split, resolved)
             row["input"] = described
         for stage in stages:
@@ -238,6 +249,8 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
                                              flops)})
             if progress:
                 progress.advance(task)
+        del loader
+        gc.collect()  # its workers end before the next loader's start (see bench.loader)
     amp = cfg.train.amp if device.type == "cuda" else "off"
     if dataset is None and manifest is not None:
         dataset = {"kind": "user", "root": str(manifest.base)}
@@ -279,7 +292,6 @@ def bench_train_ab(cfg: Config, manifest: Manifest | None, backends: list[str], 
 def render_table(report: dict):
     s = report["settings"]
     kind = (report.get("dataset") or {}).get("kind")
-    d = report.get("input")
     ab = "variants" in s
     t = compact_table(f"trainer throughput{f', {kind} data' if kind else ''} (batch "
                       f"{s['batch_size']}, T={s['num_frames']}, {s['crop_size']} px"
@@ -288,14 +300,17 @@ def render_table(report: dict):
                       + f", GPU: {report['env']['gpu']}; TFLOP/s: training FLOPs (2 per MAC) "
                       "per second, MFU: of the dense fp16/bf16 peak; PSS: peak memory of the "
                       "process tree, GPU: peak device memory, both MB)",
-                      with_unavailable(f"{s['source']}: {input_label(d)}" if d else None,
-                                       report))
+                      with_unavailable(_caption(report), report))
     cols = ["loader", *(["variant"] if ab else []), "stage", "clips/s", "TFLOP/s", "MFU",
             "data wait", "verdict", "PSS", "GPU"]
     for col in cols:
         t.add_column(col, justify="left" if col in ("loader", "variant", "stage", "verdict")
                      else "right")
+    line = False
     for r in report["results"]:
+        if r.get("peer") and not line and t.rows:
+            t.add_section()  # the peers below a line
+        line = line or bool(r.get("peer"))
         t.add_row(r["backend"], *([r.get("variant", "")] if ab else []), r["stage"],
                   f"{r['clips_per_s']:.2f}", f"{r['achieved_tflops']:.2f}",
                   f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-",
@@ -305,3 +320,14 @@ def render_table(report: dict):
         t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-", "n/a", "-",
                   "-")  # the reasons are in the caption
     return t
+
+
+def _caption(report: dict) -> str | None:
+    """What our loaders read, and what each peer read."""
+    d, src = report.get("input"), report["settings"]["source"]
+    lines = [f"{src}: {input_label(d)}"] if d else []
+    peers = {r["backend"]: r for r in report["results"] if r.get("peer")}
+    lines += [f"peer {name} ({r['source']}): {input_label(r['input'])}"
+              for name, r in peers.items()]
+    return "\n".join(lines) or None
+

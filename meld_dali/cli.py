@@ -172,6 +172,8 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose dev or test (or train)")
+    from meld_dali.inference import parse_views
+
     mv = parse_views(views) if views else None
     from meld_dali.progress import PassProgress
 
@@ -185,18 +187,6 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     if png:
         plot_confusion(result["confusion"], png, f"{split}, {checkpoint.name}")
         console.print(f"wrote {png}")
-
-
-def parse_views(text: str) -> tuple[int, int]:
-    """'3x3' -> (3, 3); both counts at least 1."""
-    bad = UserError(f"--views {text!r}: expected TEMPORALxSPATIAL with counts >= 1, e.g. 3x3")
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise bad
-    t, s = (int(p) for p in parts)
-    if t < 1 or s < 1:
-        raise bad
-    return t, s
 
 
 @app.command()
@@ -279,6 +269,10 @@ def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
         console.print(f"wrote {p}")
 
 
+PEERS_HELP = ("other tools doing the same work, side by side: all, none or any of seed, "
+              "pytorchvideo, torchcodec (extras: pip install -e \".\\[peers]\")")
+
+
 @bench_app.command("loader")
 def bench_loader(data: Path = typer.Option(None, help="prepared root (default: synth data)"),
                  backends: str = typer.Option("dali-gpu,dali-cpu,torch", help="comma list"),
@@ -298,19 +292,22 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                  warmup: int = typer.Option(None, min=0, help="least warm-up batches "
                                             "(default: what the loader prefetches, plus 1)"),
                  quick: bool = typer.Option(False, "--quick", help="small fast data set "
-                                            "(smoke tests, CI) instead of MELD-shaped 720p")):
-    """Loader throughput per backend on the same manifest."""
+                                            "(smoke tests, CI) instead of MELD-shaped 720p"),
+                 peers: str = typer.Option("all", help=PEERS_HELP)):
+    """Loader throughput per backend on the same manifest, beside the peers."""
     from meld_dali.bench.loader import bench_loader as run
     from meld_dali.bench.loader import plot as draw
     from meld_dali.bench.loader import render_table
     from meld_dali.config import load_config
 
+    peer_list = _peers(peers)
     cfg = load_config(config or "seed", [*set_, f"loader.workers={workers}"])
     manifest, dataset = bench_data(data, cfg, quick)
     with progress() as p:
         report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
                      batches=batches, repeats=repeats, batch_size=batch_size, progress=p,
-                     soak_epochs=soak_epochs, warmup=warmup, dataset=dataset)
+                     soak_epochs=soak_epochs, warmup=warmup, dataset=dataset,
+                     peers=peer_list)
     out.print(render_table(report))
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
@@ -337,7 +334,8 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
                 stages: str = typer.Option("res3", help="recipe stages: all, or any of "
                                            "head,res5,res4,res3 (one row per loader and stage)"),
                 ab: bool = typer.Option(False, "--ab", help="side by side: eager vs compiled, "
-                                        "channels_last vs contiguous, fp16 vs bf16")):
+                                        "channels_last vs contiguous, fp16 vs bf16"),
+                peers: str = typer.Option("none", help=PEERS_HELP)):
     """Trainer step throughput, TFLOP/s, MFU and data-wait share per loader and stage."""
     from meld_dali.bench.train import bench_train as run
     from meld_dali.bench.train import bench_train_ab, parse_stages, render_table
@@ -347,19 +345,31 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
         stage_list = parse_stages(stages)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--stages") from None
+    peer_list = _peers(peers)
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])
-    manifest, dataset = (bench_data(data, cfg, quick) if set(_split(backends)) - {"synthetic"}
+    manifest, dataset = (bench_data(data, cfg, quick)
+                         if set(_split(backends)) - {"synthetic"} or peer_list
                          else (None, None))
     with progress() as p:
         report = (bench_train_ab if ab else run)(
             cfg, manifest, _split(backends), steps=steps, warmup=warmup, source=source,
-            progress=p, dataset=dataset, stages=stage_list, **({"quick": quick} if ab else {}))
+            progress=p, dataset=dataset, stages=stage_list, peers=peer_list,
+            **({"quick": quick} if ab else {}))
     out.print(render_table(report))
     save_report(report, "train", report["settings"]["amp"], json_out, save)
 
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _peers(text: str) -> list:
+    from meld_dali.bench.peers import parse_peers
+
+    try:
+        return parse_peers(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--peers") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,6 +84,18 @@ def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str =
     return result
 
 
+def parse_views(text: str) -> tuple[int, int]:
+    """'3x3' -> (3, 3); both counts at least 1."""
+    bad = UserError(f"--views {text!r}: expected TEMPORALxSPATIAL with counts >= 1, e.g. 3x3")
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise bad
+    t, s = (int(p) for p in parts)
+    if t < 1 or s < 1:
+        raise bad
+    return t, s
+
+
 def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
     """k crops along the longer side (3 = start, centre, end), like PySlowFast's test."""
     pos = [0.5] if k == 1 else [i / (k - 1) for i in range(k)]

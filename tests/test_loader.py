@@ -157,3 +157,30 @@ def test_seeking_returns_the_same_frames_as_streaming(tmp_path):
     with av.open(str(path)) as c:
         every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert np.array_equal(streamed, np.stack([every[i] for i in idx]))
+
+
+def test_intra_only_clips_decode_just_the_wanted_frames(tmp_path):
+    """MJPEG (every frame on its own): only the wanted packets are decoded, and the frames
+    are exactly those a full decode gives at the same positions, repeats included."""
+    import av
+
+    path = tmp_path / "intra.avi"
+    n = 40
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mjpeg", rate=24)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
+        for t in range(n):
+            img = np.full((48, 64, 3), 30 + 5 * t, dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.codec.intra_only
+        every = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert len(every) == n
+    idx = np.array([0, 3, 3, 17, 39])
+    assert np.array_equal(read_video_frames(path, idx), every[idx])
+    idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, clip=0)
+    assert np.array_equal(read_video_frames(path, idx), every[idx])
+    assert len(read_video_frames(path, np.array([38, 39, 45]))) == 2  # beyond the end: fewer

@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from meld_dali.clips import Clip
@@ -32,8 +33,11 @@ def read_video_frames(path: str | Path, indices: np.ndarray,
     does not actually hold are returned as fewer rows."""
     wanted = [int(i) for i in indices]
     out: list[np.ndarray] = []
+    rgb = VideoReformatter()  # one conversion context per clip: `to_ndarray` makes one a frame
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
+        if stream.codec_context.codec.intra_only:  # MJPEG: each frame decodes on its own
+            return _stack(_intra_frames(c, stream, wanted, rgb))
         stream.thread_type = "AUTO"
         rate, tb = stream.average_rate, stream.time_base
         ticks = float(1 / (rate * tb)) if rate and tb else None  # pts ticks per frame
@@ -57,7 +61,7 @@ def read_video_frames(path: str | Path, indices: np.ndarray,
                 while j < len(wanted) and wanted[j] < pos:  # overshot: not in the file
                     j += 1
                 if j < len(wanted) and wanted[j] == pos:
-                    img = frame.to_ndarray(format="rgb24")
+                    img = rgb.reformat(frame, format="rgb24").to_ndarray()
                     while j < len(wanted) and wanted[j] == pos:
                         out.append(img)
                         j += 1
@@ -65,9 +69,32 @@ def read_video_frames(path: str | Path, indices: np.ndarray,
                     break
             if not decoded:
                 break  # end of stream
-    if not out:
+    return _stack(out)
+
+
+def _intra_frames(container, stream, wanted: list[int], rgb) -> list[np.ndarray]:
+    """The frames at sorted `wanted` of an intra-only stream: only their packets are
+    decoded (a packet is a frame, numbered in stream order; empty packets hold none)."""
+    out: list[np.ndarray] = []
+    pos, j = -1, 0
+    for packet in container.demux(stream):
+        if not packet.size:  # the flush packet, or a dropped frame's empty one
+            continue
+        pos += 1
+        if wanted[j] == pos:
+            imgs = [rgb.reformat(f, format="rgb24").to_ndarray() for f in stream.decode(packet)]
+            while j < len(wanted) and wanted[j] == pos:  # none if undecodable: a row fewer
+                out += imgs[:1]
+                j += 1
+            if j == len(wanted):
+                break
+    return out
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray:
+    if not frames:
         raise ValueError("no frame could be decoded")
-    return np.stack(out)
+    return np.stack(frames)
 
 
 def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
