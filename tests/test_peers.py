@@ -175,6 +175,7 @@ def test_cli_peers_none_runs_no_peer_and_bad_names_are_usage_errors(cached, tmp_
     assert "unknown peer(s) ['nvdec']" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains the real SlowFast R50
 def test_bench_train_feeds_the_trainer_from_a_peer(cached, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("demo", ["data.num_frames=4", "data.crop_size=32", "data.short_side=36",
