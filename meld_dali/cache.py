@@ -38,7 +38,7 @@ import av
 
 from meld_dali.clips import Clip
 from meld_dali.errors import UserError
-from meld_dali.fileio import TMP_SUFFIX, FolderLock, atomic_write, temp_path
+from meld_dali.fileio import TMP_SUFFIX, FolderLock, atomic_write, claim_folder, temp_path
 from meld_dali.hardware import decodes
 from meld_dali.probe import probe, run_parallel
 
@@ -232,16 +232,9 @@ def claim_cache_dir(spec: CacheSpec, sources: list[Path]) -> None:
             raise UserError(f"--cache {spec.dir}: the cache folder must be outside the source "
                              f"tree ({src}) and must not hold it: choose a separate folder, "
                              "e.g. next to it")
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--cache {spec.dir}: exists and is not a folder")
-    ours = (root / MARKER_NAME).exists() or (root / SETTINGS_NAME).exists()
-    if root.exists() and not ours and any(root.iterdir()):
-        raise UserError(f"--cache {spec.dir}: the folder is not empty and is not a meld-dali "
-                        f"cache (no {MARKER_NAME}); choose a new or empty folder: the cache "
-                        "never writes among other files")
-    if not (root / MARKER_NAME).exists():
-        with atomic_write(root / MARKER_NAME) as f:
-            json.dump(MARKER, f)
+    # a cache made by an earlier version: its settings file at the top
+    claim_folder(root, "--cache", "cache", MARKER_NAME, MARKER,
+                 made_earlier=lambda d: (d / SETTINGS_NAME).exists())
 
 
 def check_cache(files_dir: Path, settings: dict[str, Any]) -> str:

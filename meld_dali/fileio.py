@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -140,6 +141,24 @@ def check_writable(folder: str | Path, what: str, hint: str) -> None:
     os.unlink(probe)
 
 
+def claim_folder(folder: Path, flag: str, what: str, marker_name: str, marker: dict,
+                 made_earlier: Callable[[Path], bool] = lambda _: False) -> None:
+    """Make `folder` the project's own before anything is written or replaced there: a new
+    or empty folder gets `marker_name`; one already marked, or one `made_earlier` recognises
+    as an earlier version's, is reused; anything else (someone's files) is refused in one
+    line. Whatever the project later deletes there, it deletes only in a folder it owns."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: exists and is not a folder")
+    marked = (folder / marker_name).exists()
+    if folder.exists() and not marked and any(folder.iterdir()) and not made_earlier(folder):
+        raise UserError(f"{flag} {folder}: the folder is not empty and is not a meld-dali "
+                        f"{what} (no {marker_name}); choose a new or empty folder: meld-dali "
+                        "never writes among other files")
+    if not marked:
+        with atomic_write(folder / marker_name) as f:
+            json.dump(marker, f)
+
+
 class FolderLock:
     """An exclusive lock on a folder for as long as one process writes it (a run, a cache,
     a manifest folder): `folder/.meld-dali.lock`, taken with `fcntl.flock`. A second
@@ -177,10 +196,6 @@ class FolderLock:
         if self._f is not None:
             self._f.close()  # closing drops the flock
             self._f = None
-
-    @property
-    def held(self) -> bool:
-        return self._f is not None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -226,7 +226,7 @@ def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, co
         if trainer.run_lock:
             trainer.run_lock.release()
     result.update(seconds=time.perf_counter() - t0, run_dir=str(run_dir), backend=backend,
-                  history=list(trainer.history), config=trainer.cfg)
+                  history=list(trainer.history))
     if trainer.dist.main and not result["interrupted"] and trainer.cfg.hub.push == "end":
         result["hub_pushed"] = hub.push(trainer.cfg.hub, Path(run_dir))
     return result

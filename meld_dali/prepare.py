@@ -28,7 +28,14 @@ from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
 from meld_dali.clips import Clip
 from meld_dali.config import EMOTIONS, DataConfig
 from meld_dali.errors import UserError
-from meld_dali.fileio import TMP_SUFFIX, FolderLock, append_line, atomic_write, check_writable
+from meld_dali.fileio import (
+    TMP_SUFFIX,
+    FolderLock,
+    append_line,
+    atomic_write,
+    check_writable,
+    claim_folder,
+)
 from meld_dali.manifest import (
     MANIFEST_NAME,
     PARTIAL_NAME,
@@ -91,20 +98,15 @@ def _extract_job(args: tuple[int, str, str, int]) -> tuple[int, int, str]:
 
 
 def claim_frames_dir(frames: Path) -> None:
-    """The frames folder must be the project's own: new, empty, marked, or (made by an
-    earlier version) holding nothing but split folders. Anything else is refused: frame
-    folders made at another short side are replaced, and that must never hit user files."""
-    if frames.exists() and not frames.is_dir():
-        raise UserError(f"--frames {frames}: exists and is not a folder")
-    if frames.exists() and not (frames / FRAMES_MARKER).exists():
-        foreign = [p.name for p in frames.iterdir()
-                   if not (p.is_dir() and p.name in SPLITS) and p.name != FolderLock.NAME]
-        if foreign:
-            raise UserError(f"--frames {frames}: the folder is not empty and is not a "
-                            f"meld-dali frames folder (it holds {foreign[0]!r}); choose a new "
-                            "or empty folder")
-    with atomic_write(frames / FRAMES_MARKER) as f:
-        json.dump({"format": "meld-dali-frames", "version": 1}, f)
+    """The frames folder must be the project's own (frame folders made at another short
+    side are replaced, and that must never hit user files): new, empty, marked, or made by
+    an earlier version (nothing but split folders in it)."""
+    def made_earlier(d: Path) -> bool:
+        return all((p.is_dir() and p.name in SPLITS) or p.name == FolderLock.NAME
+                   for p in d.iterdir())
+
+    claim_folder(frames, "--frames", "frames folder", FRAMES_MARKER,
+                 {"format": "meld-dali-frames", "version": 1}, made_earlier)
 
 
 # ----------------------------------------------------------------------------- inputs
