@@ -34,18 +34,12 @@ from meld_dali.bench.peers import Peer, peer_problem, peer_source
 from meld_dali.config import Config
 from meld_dali.data.base import LoaderSpec, SyntheticLoader
 from meld_dali.data.select import backend_problem, resolve_source, source_problem
-from meld_dali.evaluation import Dist
+from meld_dali.distributed import Dist
 from meld_dali.hardware import gpu_facts
-from meld_dali.launch import (
-    apply_backend_flags,
-    build_loaders,
-    build_model_on,
-    compile_enabled,
-    flag,
-    net_factory,
-    video_dtype,
-)
+from meld_dali.launch import build_loaders
 from meld_dali.manifest import Manifest
+from meld_dali.model import build_model
+from meld_dali.runtime import Runtime
 from meld_dali.trainer import Trainer
 
 DATA_BOUND_SHARE = 0.10  # above this share of step time waiting for data: data-bound
@@ -128,18 +122,18 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
+def measure(cfg: Config, loader, runtime: Runtime, steps: int, warmup: int,
             stage: str = "res3", flops: dict | None = None) -> dict:
     """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer) at
     one recipe stage: `warmup` optimizer steps (compilation included), then `steps` timed
     ones. `flops` keeps the FLOP counts between calls: they depend on the shapes and the
     stage only, never on the backend or the pixels."""
     flops = {} if flops is None else flops
+    device = runtime.device
     torch.manual_seed(0)
-    model = build_model_on(cfg, device)
+    model = runtime.place(build_model(cfg.model))
     model.set_trainable(STAGE_TRAINABLE[stage])
-    trainer = Trainer(cfg, model, loader, loader, [1] * 7, device,
-                      make_net=net_factory(cfg, device, Dist()))
+    trainer = Trainer(cfg, model, loader, loader, [1] * 7, runtime)
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
     if "forward" not in flops:
         flops["forward"] = forward_flops(model, T, S, device)
@@ -159,13 +153,13 @@ def measure(cfg: Config, loader, device: torch.device, steps: int, warmup: int,
     clips_per_s = s.clips / max(wall, 1e-9)
     if stage not in flops:  # a clip's training FLOPs at this stage (after the timing)
         shaped = next(iter(SyntheticLoader.random(
-            B, T, S, B, device=device, dtype=video_dtype(cfg, device),
-            channels_last=flag(cfg.loader.channels_last, device))))
+            B, T, S, B, device=device, dtype=runtime.video_dtype,
+            channels_last=runtime.channels_last)))
         flops[stage] = train_step_flops(trainer, shaped) / B
     train_flops = flops[stage]
     achieved = clips_per_s * train_flops / 1e12
     peak = peak_tflops(device)
-    compiled = compile_enabled(cfg.train, device)
+    compiled = runtime.compile
     # compilation time: the warm-up's wall time minus what its steps cost at the timed rate
     steady = w.clips / max(clips_per_s, 1e-9)
     return {"stage": stage, "trainable": sorted(STAGE_TRAINABLE[stage]),
@@ -199,10 +193,10 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
     cfg.tracking.wandb = False
     cfg.data.source = source
     stages = stages or ["res3"]
-    backend_flags = apply_backend_flags(cfg, device)
+    runtime = Runtime.resolve(cfg, device)
+    runtime.apply()
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
-    dtype = video_dtype(cfg, device)
-    cl = flag(cfg.loader.channels_last, device)
+    dtype, cl = runtime.video_dtype, runtime.channels_last
     resolved = resolve_source(manifest, "auto") if manifest and source == "auto" else source
     results, unavailable = [], []
     described = None
@@ -231,7 +225,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             why = (source_problem(manifest, resolved)
                    or backend_problem(backend, manifest, cfg.data.train_split, resolved))
             if not why:
-                _, loader, _ = build_loaders(cfg, manifest, device, Dist(), backend=backend)
+                _, loader, _ = build_loaders(cfg, manifest, runtime, Dist(), backend=backend)
         if not why and len(loader) < steps:
             why = f"dataset too small: {len(loader)} batches per epoch < {steps} timed steps"
         if why:
@@ -245,7 +239,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
             described = described or describe_input(manifest, cfg.data.train_split, resolved)
             row["input"] = described
         for stage in stages:
-            results.append({**row, **measure(cfg, loader, device, steps, warmup, stage,
+            results.append({**row, **measure(cfg, loader, runtime, steps, warmup, stage,
                                              flops)})
             if progress:
                 progress.advance(task)
@@ -256,8 +250,9 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
         dataset = {"kind": "user", "root": str(manifest.base)}
     return {"env": environment(), "dataset": dataset, "input": described,
             "settings": {"batch_size": B, "num_frames": T, "crop_size": S, "amp": amp,
-                         "channels_last": cl, "compile": compile_enabled(cfg.train, device),
-                         "compile_backend": cfg.train.compile_backend, **backend_flags,
+                         "channels_last": cl, "compile": runtime.compile,
+                         "compile_backend": cfg.train.compile_backend,
+                         "cudnn_benchmark": runtime.cudnn_benchmark,
                          "steps": steps, "warmup": warmup, "workers": cfg.loader.num_workers,
                          "source": resolved, "stages": stages,
                          "data_bound_share": DATA_BOUND_SHARE, "flops": "2 per MAC"},

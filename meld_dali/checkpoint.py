@@ -9,17 +9,76 @@ leaves nothing behind but a one-line error.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from meld_dali.config import EMOTIONS
 from meld_dali.errors import UserError
 from meld_dali.fileio import atomic_write, link_or_copy
 
 FORMAT = "meld-dali-checkpoint"
-VERSION = 1
+VERSION = 2  # v2: the state tree (one entry per part); v1 (one flat dict) is not read
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class Part:
+    """A Stateful from two functions: for a part whose restore needs more than its own
+    state_dict (the schedule on a changed run length, an empty scaler state)."""
+
+    def __init__(self, save: Callable[[], Any], load: Callable[[Any], Any]):
+        self.state_dict, self.load_state_dict = save, load
+
+
+class RankStates:
+    """Every rank's loader position and RNG states, in rank order (a collective under DDP:
+    every rank builds the list; rank 0 writes it). On another number of processes the shards
+    differ: refused mid-epoch; at an epoch boundary the epoch restarts, sharded anew."""
+
+    def __init__(self, loader, dist, say: Callable[[str], None]):
+        self.loader, self.dist, self.say = loader, dist, say
+
+    def state_dict(self) -> list[dict]:
+        return self.dist.gather({"loader": self.loader.state_dict(), "rng": rng_state()})
+
+    def load_state_dict(self, ranks: list[dict]) -> None:
+        world, here = len(ranks), self.dist.world
+        if world == here:
+            mine = ranks[self.dist.rank]
+        else:
+            pos = ranks[0]["loader"]
+            if pos["consumed"]:
+                raise UserError(f"checkpoint was written by {world} processes, this run has "
+                                f"{here}: it stopped mid-epoch (epoch {pos['epoch']}), so "
+                                f"resume with --nproc_per_node={world}, or from a checkpoint "
+                                "at an epoch boundary")
+            self.say(f"warning: checkpoint was written by {world} processes, this run has "
+                     f"{here}: epoch {pos['epoch']} starts from its beginning, sharded for "
+                     "this run (same clips, another split over ranks)")
+            mine = ranks[0]
+        self.loader.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+
+
+def snapshot(states: dict[str, Stateful], cfg) -> dict:
+    """The checkpoint tree: each part's own state_dict under its name, plus the config and
+    the class names. A collective under DDP (RankStates): every rank calls it."""
+    return {"format": FORMAT, "version": VERSION, "emotions": list(EMOTIONS),
+            "config": cfg.to_dict(), **{name: part.state_dict() for name, part in states.items()}}
+
+
+def restore(states: dict[str, Stateful], ckpt: dict) -> None:
+    """Each part from its entry, in the order of `states`."""
+    for name, part in states.items():
+        part.load_state_dict(ckpt[name])
 
 
 class _WriteErrors:
@@ -70,12 +129,15 @@ class CheckpointSaver:
     def last(self) -> Path:
         return self.dir / "last.pt"
 
-    def save_last(self, state: dict) -> None:
+    def save_last(self, states: dict[str, Stateful], cfg) -> None:
+        """Write the parts' state as last.pt. Every rank calls it (building the tree is a
+        collective under DDP); only the enabled (main) rank writes."""
+        ckpt = snapshot(states, cfg)
         if not self.enabled:
             return
-        atomic_save(state, self.last, keep_previous=True)
+        atomic_save(ckpt, self.last, keep_previous=True)
         if self.keep_last:
-            link_or_copy(self.last, self.dir / f"step{state['step']:08d}.pt")
+            link_or_copy(self.last, self.dir / f"step{ckpt['train']['step']:08d}.pt")
             for old in sorted(self.dir.glob("step*.pt"))[: -self.keep_last]:
                 old.unlink()
 
@@ -88,22 +150,10 @@ class CheckpointSaver:
             self.on_best()
 
 
-def _numpy_rng_globals() -> list:
-    """What a numpy RNG state pickles to: allowed so checkpoints written before the RNG
-    state was stored as plain values still load, and nothing else."""
-    core = getattr(np, "_core", None) or np.core
-    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        names.append(dtypes.UInt32DType)
-    return names
-
-
 def load_data(path: str | Path) -> Any:
     """torch.load as data only (weights_only=True): tensors, numbers, strings and containers.
     A crafted file cannot run code; it fails to load instead."""
-    with torch.serialization.safe_globals(_numpy_rng_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -121,7 +171,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: not a meld-dali checkpoint")
     if ckpt.get("version") != VERSION:
         raise UserError(f"{path}: checkpoint format v{ckpt.get('version')}, this meld-dali "
-                        f"reads v{VERSION}")
+                        f"reads v{VERSION} only (written before the state tree of v2; "
+                        "train a new run, or evaluate it with the meld-dali that wrote it)")
     return ckpt
 
 
@@ -155,8 +206,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
-    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

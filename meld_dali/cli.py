@@ -139,11 +139,12 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
 
 def demo_data(root: Path) -> Path:
     """Synthesize (once) and prepare the demo dataset (under torchrun: rank 0 only)."""
-    from meld_dali.launch import dist_from_env, open_manifest, wait_for_manifest
+    from meld_dali.distributed import from_env
+    from meld_dali.launch import open_manifest, wait_for_manifest
     from meld_dali.synth import SynthSpec
     from meld_dali.synth import synth as make
 
-    if not dist_from_env().main:  # the other ranks wait for rank 0's data
+    if not from_env().main:  # the other ranks wait for rank 0's data
         wait_for_manifest(root)
         return root
     if not (root / "synth.json").exists():

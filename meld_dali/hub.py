@@ -81,8 +81,10 @@ def public_config(config: dict) -> dict:
 def inference_state(ckpt: dict) -> dict:
     """What inference needs from a training checkpoint: no optimizer, no RNG, no loader,
     no local paths."""
-    keep = ("format", "version", "emotions", "model", "epoch", "step", "stages")
-    return {**{k: ckpt[k] for k in keep if k in ckpt}, "config": public_config(ckpt["config"])}
+    keep = ("format", "version", "emotions", "model")
+    train = {k: ckpt["train"][k] for k in ("epoch", "step")}
+    return {**{k: ckpt[k] for k in keep}, "train": train,
+            "config": public_config(ckpt["config"])}
 
 
 def _token(api) -> str | None:
@@ -113,7 +115,7 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
     from huggingface_hub import CommitOperationAdd
 
     ckpt = load_checkpoint(best)  # read-only use, data only
-    history = ckpt.get("history") or [{}]
+    history = ckpt["reporter"]["history"] or [{}]
     metrics = max(history, key=lambda r: r.get("weighted_f1", -1))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
@@ -124,7 +126,7 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
         (staged / "metrics.json").write_text(json.dumps(
             {"best": metrics, "history": history}, indent=2))
         (staged / "README.md").write_text(model_card(cfg.repo_id, config, metrics,
-                                                     metrics.get("epoch", ckpt["epoch"])))
+                                                     metrics.get("epoch", ckpt["train"]["epoch"])))
         ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                for p in sorted(staged.iterdir())]
         for attempt in range(1, cfg.retries + 1):

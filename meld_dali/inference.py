@@ -11,17 +11,18 @@ import torch
 
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, Config, config_from_saved
-from meld_dali.data.base import LoaderSpec
+from meld_dali.data.base import Batch, LoaderSpec
 from meld_dali.data.decode import read_clip, read_video_frames, to_clip, upright
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
-from meld_dali.evaluation import Dist, predict_loader
-from meld_dali.launch import open_manifest, pick_device
+from meld_dali.evaluation import predict_loader
+from meld_dali.launch import open_manifest
 from meld_dali.manifest import Manifest
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.probe import probe
 from meld_dali.progress import PassProgress, iterate
+from meld_dali.runtime import Runtime, pick_device
 from meld_dali.sampling import sample_indices
 from meld_dali.transforms import EVAL_PARAMS, AugParams
 
@@ -31,20 +32,25 @@ class Loaded:
     model: SlowFastMELD
     cfg: Config
     ckpt: dict
-    device: torch.device
+    runtime: Runtime  # the checkpoint's config on this machine: the trainer's autocast
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
 
 def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
-    """Weights and config only (no optimizer); a GPU-made checkpoint loads on the CPU."""
+    """Weights and config only (no optimizer); a GPU-made checkpoint loads on the CPU. It
+    runs as the trainer's dev pass did on this machine: same AMP dtype and memory format."""
     ckpt = load_checkpoint(path)
     if list(ckpt.get("emotions", EMOTIONS)) != list(EMOTIONS):
         raise UserError(f"{path}: trained with classes {ckpt['emotions']}, expected {EMOTIONS}")
     cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.pretrained = ""  # the checkpoint holds every weight: no download
-    dev = pick_device(device)
+    runtime = Runtime.resolve(cfg, pick_device(device))
     model = SlowFastMELD(cfg.model)
     model.load_state_dict(ckpt["model"])
-    return Loaded(model.to(dev).eval(), cfg, ckpt, dev)
+    return Loaded(runtime.place(model).eval(), cfg, ckpt, runtime)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -62,20 +68,22 @@ def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str =
     manifest = open_manifest(root)
     source = resolve_source(manifest, cfg.data.source)
     backend = resolve_backend(backend, manifest, split, source)
+    rt = loaded.runtime
     spec = LoaderSpec(manifest, split, False, cfg.train.batch_size, cfg.train.seed,
-                      device=loaded.device, source=source)
+                      device=rt.device, dtype=rt.video_dtype, channels_last=rt.channels_last,
+                      source=source)
     loader = build_loader(spec, cfg.data, cfg.loader, backend)
     on_batch = None
     if progress is not None:
         progress.start(split, len(loader))
         on_batch = progress.update
     try:
-        labels, probs, rows = predict_loader(loaded.model, loader, loaded.device, None, Dist(),
-                                             on_batch)
+        labels, probs, rows = predict_loader(loaded.model, loader, rt, on_batch=on_batch)
     finally:
         if progress is not None:
             progress.stop()
-    result = {"split": split, "backend": backend, "checkpoint_epoch": loaded.ckpt["epoch"],
+    result = {"split": split, "backend": backend,
+              "checkpoint_epoch": loaded.ckpt["train"]["epoch"],
               **classification_metrics(labels, probs.argmax(1))}
     if views:
         mv = multi_view_probs(loaded, manifest, rows.tolist(), source, *views, progress)
@@ -122,7 +130,12 @@ def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], source
 
 
 def _probs(loaded: Loaded, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = loaded.model(video.to(loaded.device), mask.to(loaded.device))
+    batch = Batch(video, mask, torch.zeros(len(video), dtype=torch.int64),
+                  torch.zeros(len(video), dtype=torch.int64))
+    rt = loaded.runtime
+    batch = batch.to(rt.device, rt.video_dtype, rt.channels_last)
+    with rt.autocast():
+        logits = loaded.model(batch.video, batch.mask)
     return logits.float().softmax(-1).cpu()
 
 

@@ -7,7 +7,6 @@ builds its model and loaders with the same functions.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -18,92 +17,20 @@ from meld_dali import hub
 from meld_dali.config import Config, apply_overrides, config_from_saved, dump_config
 from meld_dali.data.base import LoaderSpec
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
+from meld_dali.distributed import Dist, from_env
 from meld_dali.errors import UserError
-from meld_dali.evaluation import Dist
 from meld_dali.fileio import FolderLock, check_writable
-from meld_dali.hardware import gpu_facts
 from meld_dali.manifest import MANIFEST_NAME, Manifest
 from meld_dali.model import build_model
 from meld_dali.prepare import prepare, stale_reason
 from meld_dali.reporting import METRICS_NAME, EpochReporter
+from meld_dali.runtime import Runtime, pick_device
 from meld_dali.signals import stop_on_signals
 from meld_dali.tracking import build_tracker
 from meld_dali.trainer import Trainer
 from meld_dali.verify import check_backend
 
 log = logging.getLogger("meld_dali.launch")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is visible")
-    return dev
-
-
-def flag(value: str, device: torch.device) -> bool:
-    """'auto' flags are on with CUDA, off on CPU."""
-    return device.type == "cuda" if value == "auto" else value == "true"
-
-
-def compile_enabled(cfg_train, device: torch.device) -> bool:
-    """train.compile: true/false as given; auto = on only on a GPU where regional compile
-    was measured faster than eager (hardware.GPUS: none so far)."""
-    if cfg_train.compile != "auto":
-        return cfg_train.compile == "true"
-    if device.type != "cuda":
-        return False
-    gpu = gpu_facts(torch.cuda.get_device_name(device))
-    return bool(gpu and gpu.compile_faster)
-
-
-def apply_backend_flags(cfg: Config, device: torch.device) -> dict:
-    """Process-wide backend switches for a run on `device`: cuDNN autotuning
-    (train.cudnn_benchmark; auto = on with CUDA). Returns what was set."""
-    bench = flag(cfg.train.cudnn_benchmark, device) and device.type == "cuda"
-    torch.backends.cudnn.benchmark = bench
-    return {"cudnn_benchmark": bench}
-
-
-# 32 ResBlocks share one forward code object (~16 shapes x frozen/trainable); dynamo's
-# default recompile limit (8) would silently leave the rest eager.
-RECOMPILE_LIMIT = 64
-
-
-def compile_regional(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """Compile each pytorchvideo ResBlock in place (regional compilation): blocks of the same
-    shape share compiled code, an unfreezing recompiles only the blocks whose gradients
-    change, and the batch dim is marked dynamic at each block's input so the short last
-    batch does not recompile. Stem, fusions, pooling and head stay eager (a small share of
-    the FLOPs). Parameters and state_dict keys are untouched. Returns the blocks compiled
-    (0 when already done)."""
-    import torch._dynamo
-    from pytorchvideo.models.resnet import ResBlock
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               RECOMPILE_LIMIT)
-    n = 0
-    for block in model.modules():
-        if isinstance(block, ResBlock) and not getattr(block, "_meld_compiled", False):
-            compiled = torch.compile(block.forward, backend=backend)
-
-            def forward(x, _compiled=compiled):
-                torch._dynamo.maybe_mark_dynamic(x, 0)  # any batch size: one graph
-                return _compiled(x)
-
-            block.forward, block._meld_compiled = forward, True
-            n += 1
-    return n
-
-
-def video_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.loader.dtype != "auto":
-        return getattr(torch, cfg.loader.dtype)
-    if device.type != "cuda" or cfg.train.amp == "off":
-        return torch.float32
-    return torch.float16 if cfg.train.amp == "fp16" else torch.bfloat16
 
 
 def open_manifest(root: str | Path, console=None, workers: int = 2,
@@ -146,67 +73,22 @@ def wait_for_manifest(p: Path, poll_s: float = 1.0) -> Manifest:
     return Manifest.load(p)
 
 
-def dist_from_env() -> Dist:
-    return Dist(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def init_distributed(dist: Dist, device: torch.device) -> torch.device:
-    """Under torchrun: one process per rank, NCCL on GPU, gloo on CPU."""
-    if dist.world <= 1:
-        return device
-    import torch.distributed as tdist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def net_factory(cfg: Config, device: torch.device, dist: Dist):
-    """model -> what runs forward: DDP-wrapped under torchrun, its ResBlocks compiled
-    (regionally, in place) when train.compile resolves on (`compile_enabled`).
-
-    DDP registers only the parameters that require grad when it wraps, so the trainer
-    re-wraps at each unfreezing: newly trainable blocks are then synchronized, frozen ones
-    cost nothing, and no find_unused_parameters scan is needed."""
-    def make(model: torch.nn.Module) -> torch.nn.Module:
-        if compile_enabled(cfg.train, device):  # in place, once; checkpoints unaffected
-            compile_regional(model, cfg.train.compile_backend)
-        net = model
-        if dist.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False)
-        return net
-    return make
-
-
-def build_loaders(cfg: Config, manifest: Manifest, device: torch.device, dist: Dist,
+def build_loaders(cfg: Config, manifest: Manifest, runtime: Runtime, dist: Dist,
                   backend: str | None = None):
     """(backend, train loader, eval loader) per the config (or the given backend)."""
     source = resolve_source(manifest, cfg.data.source)
     backend = resolve_backend(backend or cfg.loader.backend, manifest, cfg.data.train_split,
                               source)
-    backend = check_backend(cfg, manifest, source, backend, device)  # loader.verify
+    backend = check_backend(cfg, manifest, source, backend, runtime.device)  # loader.verify
     common = dict(manifest=manifest, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                  device=device, dtype=video_dtype(cfg, device),
-                  channels_last=flag(cfg.loader.channels_last, device), rank=dist.rank,
-                  world=dist.world, source=source)
+                  device=runtime.device, dtype=runtime.video_dtype,
+                  channels_last=runtime.channels_last, rank=dist.rank, world=dist.world,
+                  source=source)
     train = build_loader(LoaderSpec(split=cfg.data.train_split, train=True, **common),
                          cfg.data, cfg.loader, backend)
     evl = build_loader(LoaderSpec(split=cfg.data.eval_split, train=False, **common),
                        cfg.data, cfg.loader, backend)
     return backend, train, evl
-
-
-def build_model_on(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """The model on the device, in the memory format the loaders deliver."""
-    model = build_model(cfg.model).to(device)
-    if flag(cfg.loader.channels_last, device):
-        model = model.to(memory_format=torch.channels_last_3d)
-    return model
 
 
 def run_training(cfg: Config, run_dir: str | Path, resume: str | None = None, console=None,
@@ -260,7 +142,8 @@ def load_resume_state(run_dir: Path, resume: str | None, console=None) -> dict |
         say(f"skipping unusable checkpoint: {why}")
     if found:
         path, state = found
-        say(f"resuming from {path} (epoch {state['epoch']}, step {state['step']})")
+        t = state["train"]
+        say(f"resuming from {path} (epoch {t['epoch']}, step {t['step']})")
         return state
     if holds_run(run_dir):
         raise UserError(f"{run_dir} holds a run but no checkpoint of it can be read "
@@ -291,7 +174,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, resume: str | None = None, c
     """Everything a run needs, restored from a checkpoint when resuming. The main rank holds
     the run folder's lock (`trainer.run_lock`) from here until the run ends."""
     run_dir = Path(run_dir)
-    dist = dist or dist_from_env()
+    dist = dist or from_env()
     state = load_resume_state(run_dir, resume, console if dist.main else None)
     cfg = run_config(cfg, state, overrides)
     if not cfg.data.root:
@@ -304,22 +187,22 @@ def _assemble(cfg: Config, run_dir: Path, state: dict | None, console,
               dist: Dist) -> tuple[Trainer, str]:
     """Data, loaders and model first (a mistake there leaves the run folder untouched), then
     the run folder's lock, then everything that writes into it."""
-    device = init_distributed(dist, pick_device(cfg.train.device))
-    apply_backend_flags(cfg, device)
+    runtime = Runtime.resolve(cfg, dist.start(pick_device(cfg.train.device)))
+    runtime.apply()
     torch.manual_seed(cfg.train.seed)  # same initial weights for the same seed
     manifest = open_manifest(cfg.data.root, console, cfg.loader.num_workers, dist)
-    backend, train_loader, eval_loader = build_loaders(cfg, manifest, device, dist)
+    backend, train_loader, eval_loader = build_loaders(cfg, manifest, runtime, dist)
     counts = manifest.class_counts(cfg.data.train_split)
     if sum(counts) == 0:
         raise UserError(f"{manifest.path}: no loadable clips in split "
                         f"'{cfg.data.train_split}'")
-    model = build_model_on(cfg, device)
+    model = runtime.place(build_model(cfg.model))
 
     lock = FolderLock(run_dir, "run folder").acquire() if dist.main else None
     try:
         if lock and state is None:
             load_resume_state(run_dir, None)  # checked again under the lock: still no run
-        trainer = _trainer(cfg, run_dir, state, dist, device, manifest, counts, model,
+        trainer = _trainer(cfg, run_dir, state, dist, runtime, manifest, counts, model,
                            train_loader, eval_loader, console)
     except BaseException:
         if lock:
@@ -327,31 +210,30 @@ def _assemble(cfg: Config, run_dir: Path, state: dict | None, console,
         raise
     trainer.run_lock = lock
     if console and dist.main:
-        console.print(f"run {run_dir}: backend {backend}, device {device}, "
+        console.print(f"run {run_dir}: backend {backend}, device {runtime.device}, "
                       f"{train_loader.num_clips} train / {eval_loader.num_clips} "
                       f"{cfg.data.eval_split} clips, {cfg.train.epochs} epochs")
     return trainer, backend
 
 
-def _trainer(cfg, run_dir, state, dist, device, manifest, counts, model, train_loader,
+def _trainer(cfg, run_dir, state, dist, runtime, manifest, counts, model, train_loader,
              eval_loader, console) -> Trainer:
     """The Trainer over the assembled parts, writing into the (locked) run folder."""
     if dist.main:
         dump_config(cfg, run_dir / "config.yaml")
     tracker = build_tracker(cfg.tracking, run_dir, cfg.to_dict(),
-                            state.get("tracker_run_id") if state else None, enabled=dist.main)
+                            state["reporter"]["tracker_run_id"] if state else None,
+                            enabled=dist.main)
     # rank 0 pushes each new best in a thread: other ranks never wait in a collective on it
     on_best = (hub.BackgroundPush(lambda: hub.push(cfg.hub, run_dir))
                if cfg.hub.push == "best" and dist.main else None)
     trainer = Trainer(
-        cfg, model, train_loader, eval_loader, counts, device,
-        make_net=net_factory(cfg, device, dist), dist=dist,
+        cfg, model, train_loader, eval_loader, counts, runtime, dist=dist,
         saver=ckpt_io.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_last, on_best,
                                       enabled=dist.main),
         reporter=EpochReporter(run_dir, tracker, console, enabled=dist.main,
                                progress_every=cfg.tracking.progress_every),
         clip_ids=[c.clip_id for c in manifest.clips])
     if state is not None:
-        trainer.load_state_dict(state)
-        trainer.reporter.restore_log(trainer.history)
+        trainer.restore(state)
     return trainer

@@ -43,7 +43,7 @@ class EarlyStopping:
 class EpochStats:
     """The running epoch's figures. The loss is summed on the training device (`add`: no
     GPU sync per micro-batch) and read, one sync, only when a figure is wanted
-    (`mean_loss`, `as_dict`, `state`): by the progress display at its interval, the
+    (`mean_loss`, `as_dict`, `state_dict`): by the progress display at its interval, the
     per-step log, the end of the epoch and checkpoints.
 
     `data_wait` is the time the loop spent blocked on the loader, `step_time` the rest
@@ -73,20 +73,20 @@ class EpochStats:
         self.flush()
         return self.loss_sum / max(self.clips, 1)
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         """Plain data (floats) for checkpoints."""
         self.flush()
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pending"}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loss_sum, self.clips = sd["loss_sum"], sd["clips"]
+        self.data_wait, self.step_time = sd["data_wait"], sd["step_time"]
+        self.pending = None
 
     def as_dict(self) -> dict:
         return {"train_loss": self.mean_loss(), "train_clips": self.clips,
                 "data_wait_s": self.data_wait, "step_time_s": self.step_time,
                 "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
-
-    @classmethod
-    def from_state(cls, sd: dict) -> EpochStats:
-        known = {f.name for f in fields(cls)} - {"pending"}  # older ones held more fields
-        return cls(**{k: v for k, v in sd.items() if k in known})
 
 
 def stages_for_epoch(cfg_train, epoch: int) -> set[str]:

@@ -26,6 +26,7 @@ class EpochReporter:
         self.tracker = tracker or NullTracker()
         self.console, self.enabled = console, enabled
         self.bar = PassProgress(console, progress_every, enabled)
+        self.history: list[dict] = []  # every finished epoch's row: metrics.jsonl's rows
 
     # ------------------------------------------------------------------ live progress
 
@@ -71,10 +72,11 @@ class EpochReporter:
             self.tracker.log(data, step)
 
     def epoch_end(self, row: dict, metrics: dict, predictions: list[dict],
-                  improved: bool, history: list[dict]) -> None:
-        """`row` is the finished epoch's; `history` every epoch's so far (resumed ones
-        included: the rows of metrics.jsonl), for the curves."""
+                  improved: bool) -> None:
+        """`row` is the finished epoch's: it joins the history (every rank keeps it; the
+        main rank writes it to metrics.jsonl and draws the curves from it)."""
         self.pass_end()
+        self.history.append(row)
         if not self.enabled:
             return
         epoch = row["epoch"]
@@ -84,7 +86,7 @@ class EpochReporter:
             png = self.run_dir / f"confusion_epoch{epoch:03d}.png"
             plot_confusion(metrics["confusion"], png, f"dev, epoch {epoch}")
         self.tracker.log_epoch(metrics, row["step"], predictions, str(png) if png else None)
-        curves = self.write_curves(history)
+        curves = self.write_curves(self.history)
         if curves is not None:
             self.tracker.log_image("curves", str(curves), row["step"])
         self.say(f"epoch {epoch}: loss {row['train_loss']:.4f}  acc {metrics['accuracy']:.3f}  "
@@ -104,14 +106,24 @@ class EpochReporter:
             return None
         return path
 
-    def restore_log(self, history: list[dict]) -> None:
-        """Resuming: metrics.jsonl becomes the checkpoint's history (the truth), one row per
+    def state_dict(self) -> dict:
+        """The history and the tracker's run (a resume continues the same W&B run)."""
+        return {"history": self.history, "tracker_run_id": self.tracker.run_id}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resuming: the checkpoint's history, and metrics.jsonl rewritten to it. (The
+        tracker's run id is read where the tracker is opened, before this.)"""
+        self.history = list(sd["history"])
+        self.restore_log()
+
+    def restore_log(self) -> None:
+        """metrics.jsonl becomes the history (the checkpoint's: the truth), one row per
         epoch it holds. Rows of epochs it does not hold (a fallback to last.prev.pt) go, and
         so does a torn last line (a kill mid-append), with a warning."""
         path = self.run_dir / METRICS_NAME if self.run_dir is not None else None
         if not (self.enabled and path):
             return
-        want = "".join(json.dumps(row) + "\n" for row in history)
+        want = "".join(json.dumps(row) + "\n" for row in self.history)
         have = path.read_text() if path.exists() else ""
         if have == want:
             return

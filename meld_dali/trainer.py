@@ -1,27 +1,28 @@
 """The training engine: the seed recipe on top of the Batch contract.
 
-`Trainer.train()` reads like the recipe; `train_one_epoch` is one screen. The loaders are
-any backend (they all yield Batch), the model is a plain nn.Module: no backend branches.
-The recipe's pieces (AdamW, OneCycle, early stopping, unfreezing) are in `recipe`; where
-checkpoints go (CheckpointSaver), what an epoch reports (EpochReporter) and how a split is
-scored (evaluation) live in their own modules; the Trainer only trains.
+`Trainer.train()` reads like the recipe, `train_one_epoch` is one screen and `train_step`
+is one optimizer step over an accumulation group. The loaders are any backend (they all
+yield Batch), the model is a plain nn.Module, the process group is an object (`Dist` or
+`DDP`) and the runtime (device, AMP, memory format, compile) was resolved before: no
+backend, device or world-size branches here. The recipe's pieces (AdamW, OneCycle, early
+stopping, unfreezing) are in `recipe`; where checkpoints go (CheckpointSaver), what an epoch
+reports (EpochReporter) and how a split is scored (evaluation) live in their own modules.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 import warnings
+from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
 
 from meld_dali import checkpoint as ckpt_io
-from meld_dali import evaluation as ev
-from meld_dali.config import EMOTIONS, Config
-from meld_dali.errors import UserError
-from meld_dali.evaluation import Dist, predict_loader, score, share_rank0_buffers
+from meld_dali.config import Config
+from meld_dali.distributed import Dist
+from meld_dali.evaluation import predict_loader, score
 from meld_dali.losses import FocalLoss, inverse_sqrt_weights
 from meld_dali.recipe import (
     EarlyStopping,
@@ -31,45 +32,38 @@ from meld_dali.recipe import (
     stages_for_epoch,
 )
 from meld_dali.reporting import EpochReporter
+from meld_dali.runtime import Runtime
 
 
 class Trainer:
     def __init__(self, cfg: Config, model: nn.Module, train_loader, eval_loader,
-                 class_counts: list[int], device: torch.device, *, make_net=None,
-                 dist: Dist | None = None, saver: ckpt_io.CheckpointSaver | None = None,
+                 class_counts: list[int], runtime: Runtime, *, dist: Dist | None = None,
+                 saver: ckpt_io.CheckpointSaver | None = None,
                  reporter: EpochReporter | None = None, clip_ids: list[str] = ()):
-        self.cfg, self.device = cfg, device
-        self.model = model  # unwrapped: what checkpoints hold
-        self.make_net = make_net or (lambda m: m)  # -> compiled and/or DDP-wrapped model
-        self.net = self.make_net(model)
+        self.cfg, self.runtime = cfg, runtime
+        self.model = model  # unwrapped and uncompiled state: what checkpoints hold
         self.dist = dist or Dist()
-        # eval on each rank's shard without DDP collectives (shards may differ by a batch)
-        self.eval_net = self.net if self.dist.world == 1 else model
+        self.net = self.dist.wrap(runtime.compiled(model))  # what runs forward/backward
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.saver, self.reporter = saver, reporter or EpochReporter(enabled=self.dist.main)
         self.clip_ids = list(clip_ids)
         t, o = cfg.train, cfg.optim
         weights = inverse_sqrt_weights(class_counts) if o.class_weights == "inv_sqrt" else None
-        self.criterion = FocalLoss(o.focal_gamma, weights).to(device)
+        self.criterion = FocalLoss(o.focal_gamma, weights).to(runtime.device)
         self.optimizer = build_optimizer(model, o)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch() / t.accum_steps)
+        self.steps_per_epoch = -(-self.batches_per_epoch() // t.accum_steps)
         self.scheduler = build_scheduler(self.optimizer, o, t.epochs * self.steps_per_epoch)
-        amp = t.amp if device.type == "cuda" else "off"
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.fp16_scaling)
         self.early = EarlyStopping(t.patience, t.min_epochs, t.min_delta)
-        self.epoch, self.step = 0, 0
-        self.micro = 0  # micro-batches trained in this epoch: fixes the accumulation groups
+        self.epoch, self.step = 0, 0  # epochs completed, optimizer steps taken
         self.stats = EpochStats()
         self.stop_requested = False
-        self.history: list[dict] = []
         self.run_lock = None  # the run folder's lock (launch.build_trainer takes it)
 
     def set_stages(self, stages: set[str]) -> None:
         if stages != self.model.trainable:
             self.model.set_trainable(stages)
-            if self.dist.world > 1:
-                self.net = self.make_net(self.model)
+            self.net = self.dist.wrap(self.model)  # DDP registers the trainable ones anew
 
     def batches_per_epoch(self, max_steps: int = 0) -> int:
         n = len(self.train_loader)
@@ -107,61 +101,66 @@ class Trainer:
                 "interrupted": self.stop_requested}
 
     def train_one_epoch(self, max_steps: int = 0) -> bool:
-        """One pass over the train loader (or its first `max_steps` optimizer steps).
-        True when a stop request paused it mid-epoch (state saved)."""
+        """One pass over the train loader (or its first `max_steps` optimizer steps), one
+        accumulation group per optimizer step. True when a stop request paused it mid-epoch
+        (state saved)."""
         self.net.train()
         accum, total = self.cfg.train.accum_steps, self.batches_per_epoch(max_steps)
         loader = self.train_loader
         loader.set_epoch(self.epoch)
-        i = self.micro  # > 0 when resumed mid-epoch (skipped clips never shift it)
-        pending = False  # gradients accumulated but not yet applied
-        self.reporter.epoch_start(self.epoch, total, min(i, total), self.stats.clips)
+        done = loader.position.delivered  # > 0 when resumed mid-epoch
+        self.reporter.epoch_start(self.epoch, total, min(done, total), self.stats.clips)
+        batches = self.dist.batches(loader)  # DDP: every rank runs the same micro-batches
+        while done < total:  # resumed past a lowered step cap: the epoch is over at once
+            size = min(accum, total - done)  # the last group may be partial
+            trained = self.train_step(islice(batches, size), size, done)
+            done += trained
+            if trained < size:  # skipped clips left a loader short: the epoch ends here
+                self.reporter.say(f"epoch {self.epoch} ends at micro-batch {done} of {total} "
+                                  "on every rank (skipped clips left a loader short)")
+                break
+            if self.agree_stop():  # DDP: every rank stops after the same optimizer step
+                return self.pause()
+            if self.every_n_steps():
+                self.save_last()
+        batches.close()  # the loader pass ends here, not whenever it is garbage collected
+        self.stats.step_time += self._drain()  # perf: the epoch's sync point (queued GPU work)
+        self.reporter.pass_end()
+        self.epoch += 1
+        loader.set_epoch(self.epoch)  # an epoch cut short still saves its position as done
+        return False
+
+    def train_step(self, group: Iterable, size: int, done: int = 0) -> int:
+        """One optimizer step over an accumulation group of up to `size` micro-batches (the
+        gradient of their mean loss); returns how many the group had. `done`: micro-batches
+        of the epoch before this group (progress only)."""
+        trained = 0
         tick = time.perf_counter()
-        # resumed at or past this run's end of the epoch (train.max_steps_per_epoch lowered
-        # on resume): the epoch is over, no micro-batch is read
-        batches = self.in_step(loader) if i < total else ()
-        for batch in batches:  # DDP: every rank runs the same micro-batches
+        for batch in group:
             now = time.perf_counter()
             self.stats.data_wait += now - tick
-            group_start = i - i % accum
-            group = min(accum, total - group_start)  # the last group may be partial
-            assert group >= 1, f"accumulation group of {group} at micro-batch {i} of {total}"
-            last_in_group = i + 1 == group_start + group
-            with self._no_sync(not last_in_group):
-                loss = self.forward_backward(batch, 1.0 / group)  # a device tensor: no sync
-            pending = not last_in_group
-            if last_in_group:
+            trained += 1
+            # DDP: gradients all-reduce once, in the group's last backward
+            with self.dist.no_sync(self.net, skip=trained < size):
+                loss = self.forward_backward(batch, 1.0 / size)  # a device tensor: no sync
+            if trained == size:
                 self.optimizer_step()
-            i = self.micro = i + 1
             # perf (issue 15): the loss stays on the device; it is read (one GPU sync) only
             # when progress prints, at the step log and at the end of the epoch. The
             # progress call sits before the tick so a sync there counts as step time.
             self.stats.add(loss, len(batch))
-            self.reporter.progress(i, self.stats, self.scheduler.get_last_lr()[0])
+            self.reporter.progress(done + trained, self.stats, self.scheduler.get_last_lr()[0])
             tick = time.perf_counter()
             self.stats.step_time += tick - now
-            if last_in_group:
-                if self.agree_stop():  # DDP: every rank stops after the same optimizer step
-                    return self.pause()
-                if self.every_n_steps():
-                    self.save_last()
-                    tick = time.perf_counter()  # saving is neither data wait nor a step
-                if i >= total:  # a capped epoch (max_steps_per_epoch) ends here
-                    break
-        if pending:  # skipped clips left a group short: apply what was accumulated
-            self.sync_grads()  # (DDP: that group's backwards ran under no_sync)
+        if 0 < trained < size:  # the loader ran short: apply what was accumulated
+            self.dist.average_grads(self.model)  # (DDP: those backwards ran under no_sync)
             self.optimizer_step()
-        self.stats.step_time += self._drain()  # perf: the epoch's sync point (queued GPU work)
-        self.reporter.pass_end()
-        self.epoch, self.micro = self.epoch + 1, 0
-        loader.set_epoch(self.epoch)  # an epoch cut short still saves its position as done
-        return False
+        return trained
 
     def forward_backward(self, batch, scale: float) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its mean loss, detached, on the
         device (reading it is a GPU sync: the caller decides when)."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with self.runtime.autocast():
             logits = self.net(batch.video, batch.mask)
             loss = self.criterion(logits, batch.label)
         self.scaler.scale(loss * scale).backward()
@@ -204,85 +203,65 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> tuple[dict, list[dict]]:
-        share_rank0_buffers(self.model, self.dist)
+        self.dist.broadcast_buffers(self.model)  # every shard scored with rank 0's BatchNorm
         on_batch = self.reporter.eval_start(f"epoch {self.epoch - 1} {self.cfg.data.eval_split}",
                                             len(self.eval_loader))
-        labels, probs, rows = predict_loader(self.eval_net, self.eval_loader, self.device,
-                                             self.amp_dtype, self.dist, on_batch)
+        # the model itself, not DDP's wrapper: each rank scores its own shard, no collectives
+        labels, probs, rows = predict_loader(self.model, self.eval_loader, self.runtime,
+                                             self.dist, on_batch)
         self.reporter.pass_end()
         return score(labels, probs, rows, self.clip_ids)
 
-    # ------------------------------------------------------------------ bookkeeping
+    # ------------------------------------------------------------------ state
 
     def end_epoch(self, metrics: dict, predictions: list[dict], improved: bool) -> None:
         """Record the finished epoch (self.epoch already counts it)."""
         row = {"epoch": self.epoch - 1, "step": self.step, **self.take_stats().as_dict(),
                "lr": self.scheduler.get_last_lr()[0],
                "stages": sorted(self.model.trainable), "best": improved, **metrics}
-        self.history.append(row)
-        self.reporter.epoch_end(row, metrics, predictions, improved, self.history)
+        self.reporter.epoch_end(row, metrics, predictions, improved)
         self.save_last()
         if improved and self.saver:
             self.saver.save_best()  # best.pt: a link to that last.pt
 
+    @property
+    def history(self) -> list[dict]:
+        return self.reporter.history
+
     def save_last(self) -> None:
         if self.saver:
-            self.saver.save_last(self.state_dict())
+            self.saver.save_last(self.states(), self.cfg)
+
+    def states(self) -> dict[str, ckpt_io.Stateful]:
+        """Every part with state, in the order a resume restores them: the train counters
+        first (the schedule and the loader's check read them), the RNG states last."""
+        return {"train": self, "model": self.model, "optimizer": self.optimizer,
+                "scheduler": ckpt_io.Part(self.scheduler.state_dict, self.load_schedule),
+                "scaler": ckpt_io.Part(self.scaler.state_dict, self.load_scaler),
+                "early_stop": self.early, "reporter": self.reporter,
+                "ranks": ckpt_io.RankStates(self.train_loader, self.dist, self.reporter.say)}
+
+    def checkpoint(self) -> dict:
+        """The whole checkpoint tree (a collective under DDP: every rank calls it)."""
+        return ckpt_io.snapshot(self.states(), self.cfg)
+
+    def restore(self, ckpt: dict) -> None:
+        ckpt_io.restore(self.states(), ckpt)
 
     def state_dict(self) -> dict:
-        ranks, me = self.rank_states(), self.dist.rank
-        return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
-                "emotions": list(EMOTIONS), "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "step": self.step, "micro_step": self.micro,
-                "early_stop": self.early.state_dict(),
-                "stages": sorted(self.model.trainable), "epoch_stats": self.stats.state(),
-                "history": self.history, "tracker_run_id": self.reporter.tracker.run_id,
-                # this rank's loader and RNG (rank 0's on disk), then every rank's
-                "rng": ranks["rngs"][me], "loader": ranks["loaders"][me], **ranks}
-
-    def rank_states(self) -> dict:
-        """Every rank's loader position and RNG state, in rank order, and the world size:
-        a collective under DDP (every rank builds the state; only rank 0 writes it)."""
-        parts = ev.gather_objects((self.train_loader.state_dict(), ckpt_io.rng_state()),
-                               self.dist)
-        return {"world_size": self.dist.world, "loaders": [p[0] for p in parts],
-                "rngs": [p[1] for p in parts]}
+        """The train counters: epochs done, optimizer steps, the running epoch's figures.
+        The unfreezing stage is not stored: it derives from the epoch."""
+        return {"epoch": self.epoch, "step": self.step, "epoch_stats": self.stats.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.set_stages(set(sd["stages"]))
-        self.optimizer.load_state_dict(sd["optimizer"])
         self.epoch, self.step = sd["epoch"], sd["step"]
-        # older checkpoints had no micro_step: the loader position is the best guess there
-        self.micro = sd.get("micro_step", sd["loader"]["consumed"] // self.cfg.train.batch_size)
-        self.load_schedule(sd["scheduler"])
-        if sd["scaler"]:  # {} from a run without fp16 scaling (CPU, bf16): nothing to restore
-            self.scaler.load_state_dict(sd["scaler"])
-        self.early.load_state_dict(sd["early_stop"])
-        self.stats = EpochStats.from_state(sd["epoch_stats"])
-        self.history = list(sd["history"])
-        loader, rng = self.rank_position(sd)
-        self.train_loader.load_state_dict(loader)
-        ckpt_io.set_rng_state(rng)
+        self.stats = EpochStats()
+        self.stats.load_state_dict(sd["epoch_stats"])
+        self.set_stages(stages_for_epoch(self.cfg.train, self.epoch))
 
-    def rank_position(self, sd: dict) -> tuple[dict, dict]:
-        """This rank's saved (loader state, RNG state). On another number of processes the
-        shards differ: refused mid-epoch; at an epoch boundary the epoch's order restarts."""
-        world = sd.get("world_size", 1)  # older checkpoints: one process (rank 0's state)
-        if world == self.dist.world:
-            return sd.get("loaders", [sd["loader"]])[self.dist.rank], \
-                sd.get("rngs", [sd["rng"]])[self.dist.rank]
-        if self.micro:
-            raise UserError(f"checkpoint was written by {world} processes, this run has "
-                            f"{self.dist.world}: it stopped mid-epoch (epoch {self.epoch}, "
-                            f"step {self.step}), so resume with --nproc_per_node={world}, "
-                            "or from a checkpoint at an epoch boundary")
-        self.reporter.say(f"warning: checkpoint was written by {world} processes, this run has "
-                          f"{self.dist.world}: epoch {self.epoch} starts from its beginning, "
-                          "sharded for this run (same clips, another split over ranks)")
-        return {**sd["loader"], "epoch": self.epoch, "consumed": 0}, sd["rng"]
+    def load_scaler(self, sd: dict) -> None:
+        if sd:  # {} from a run without fp16 scaling (CPU, bf16): nothing to restore
+            self.scaler.load_state_dict(sd)
 
     def load_schedule(self, saved: dict) -> None:
         """The saved OneCycle state, or, when this run has another number of optimizer steps
@@ -302,47 +281,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ plumbing
 
-    def in_step(self, loader):
-        """The loader's batches while every rank has one. A skipped clip can leave a rank a
-        batch short; DDP needs every rank in every step, so all stop where the first runs
-        out (one tiny all-reduce per micro-batch, only with several ranks)."""
-        if self.dist.world == 1:
-            yield from loader
-            return
-        batches = iter(loader)
-        while True:
-            batch = next(batches, None)
-            if not ev.agree(batch is not None, self.dist, self.device):
-                if self.micro < self.batches_per_epoch():
-                    self.reporter.say(f"a rank ran out of batches (skipped clips): epoch "
-                                      f"{self.epoch} ends at micro-batch {self.micro} on "
-                                      "every rank")
-                return
-            yield batch
-
     def agree_stop(self) -> bool:
         """Whether any rank was asked to stop (every rank calls this at the same step)."""
-        stop = ev.agree(self.stop_requested, self.dist, self.device, any_rank=True)
+        stop = self.dist.agree(self.stop_requested, any_rank=True)
         if stop and not self.stop_requested:
             self.stop_requested = True
             self.reporter.say("another rank was asked to stop: finishing the current step, "
                               "then saving")
         return stop
 
-    def sync_grads(self) -> None:
-        """DDP: average gradients accumulated under no_sync (a group cut short)."""
-        ev.average_grads(self.model, self.dist)
-
     def _drain(self) -> float:
         """Wait for the GPU's queued work (CUDA; nothing on CPU); returns the seconds."""
         t = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
         self.stats.flush()
         return time.perf_counter() - t
-
-    def _no_sync(self, skip: bool):
-        """DDP: no gradient all-reduce on the micro-steps inside an accumulation group."""
-        if skip and hasattr(self.net, "no_sync"):
-            return self.net.no_sync()
-        return contextlib.nullcontext()

@@ -16,8 +16,8 @@ import torch
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import load_config
 from meld_dali.data.base import ClipOrder
+from meld_dali.distributed import Dist
 from meld_dali.errors import UserError
-from meld_dali.evaluation import Dist
 from meld_dali.inference import evaluate, load_for_inference
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.manifest import Manifest
@@ -59,7 +59,7 @@ def test_two_process_gloo_run_and_resume(synth_root, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in rows] == [0, 1] and rows[1]["stages"] == ["res4", "res5"]
     second = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert second["step"] == first["step"] + 2
+    assert second["train"]["step"] == first["train"]["step"] + 2
     changed = [k for k, v in first["model"].items()
                if v.is_floating_point() and not torch.equal(v, second["model"][k])]
     assert any(k.startswith("blocks.3.") for k in changed)  # res4 trained after unfreezing
@@ -133,10 +133,12 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert "another rank was asked to stop" in out, out[-4000:]
     assert {p.name for p in (run / "checkpoints").iterdir()} <= {"last.pt", "last.prev.pt"}
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
-    micro = saved["micro_step"]
-    assert saved["world_size"] == 2 and saved["epoch"] == 0 and 3 * saved["step"] == micro > 0
+    loaders = [r["loader"] for r in saved["ranks"]]  # one per rank
+    micro = loaders[0]["delivered"]
+    assert len(loaders) == 2 and saved["train"]["epoch"] == 0
+    assert 3 * saved["train"]["step"] == micro > 0
     # both ranks stopped after the same step: each took exactly `micro` batches of 2
-    assert [x["consumed"] for x in saved["loaders"]] == [2 * micro, 2 * micro]
+    assert [(x["delivered"], x["consumed"]) for x in loaders] == [(micro, 2 * micro)] * 2
     assert not (run / "metrics.jsonl").exists()  # stopped mid-epoch: nothing evaluated
 
     # 2. another world size mid-epoch: refused, one line naming both sizes
@@ -158,13 +160,14 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     log = tmp_path / "run2.log"
     out = finish(torchrun_popen(run, root, log), log)
     assert "skipped clip" in out and all(p.name in out for p in bad), out[-4000:]
-    assert f"ends at micro-batch {n_batches - 1} on every rank" in out, out[-4000:]
+    assert f"ends at micro-batch {n_batches - 1} of {n_batches} on every rank" in out, out[-4000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
     steps = -(-(n_batches - 1) // 3)  # the last group of 3 cut to 2 micro-batches
-    assert saved["step"] == steps and saved["epoch"] == 1 and saved["micro_step"] == 0
-    assert [x["epoch"] for x in saved["loaders"]] == [1, 1]
+    assert saved["train"]["step"] == steps and saved["train"]["epoch"] == 1
+    assert [(r["loader"]["epoch"], r["loader"]["delivered"]) for r in saved["ranks"]] == [
+        (1, 0), (1, 0)]
     # each rank scored its dev shard with its own weights: equal to rank 0's if in sync
     single = evaluate(load_for_inference(run / "checkpoints" / "last.pt", "cpu"), root, "dev",
                       backend="torch")
@@ -179,8 +182,9 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert "warning: checkpoint was written by 2 processes, this run has 1" in caplog.text
     assert result["epochs"] == 2 and not result["interrupted"]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert saved["world_size"] == 1 and saved["step"] == steps + 1
-    assert saved["loaders"] == [{"epoch": 2, "consumed": 0, "seed": cfg.train.seed}]
+    assert saved["train"]["step"] == steps + 1
+    assert [r["loader"] for r in saved["ranks"]] == [
+        {"epoch": 2, "consumed": 0, "delivered": 0, "seed": cfg.train.seed}]
 
 
 def test_dockerfile_lints_clean():

@@ -18,12 +18,13 @@ import torch
 from meld_dali.config import BACKENDS, EMOTIONS, load_config
 from meld_dali.data.base import LoaderSpec
 from meld_dali.data.select import build_loader
+from meld_dali.distributed import Dist
 from meld_dali.errors import UserError
-from meld_dali.evaluation import Dist
 from meld_dali.hardware import DECODERS, cpu_cores, decodes, gpu_facts, nvdec_engines
 from meld_dali.inference import evaluate, load_for_inference
 from meld_dali.launch import build_loaders, run_training
 from meld_dali.manifest import Manifest
+from meld_dali.runtime import Runtime
 from meld_dali.synth import render_clip, write_video
 from meld_dali.verify import MEAN_TOL, check_backend, compare, first_clips
 
@@ -121,7 +122,7 @@ def test_training_verifies_a_dali_backend_first(synth_vp9, tiny_cfg, caplog):
     tiny_cfg.data.root = str(synth_vp9)
     with caplog.at_level(logging.INFO, logger="meld_dali.verify"):
         backend, train, _ = build_loaders(tiny_cfg, Manifest.load(synth_vp9),
-                                          torch.device("cpu"), Dist())
+                                          Runtime.resolve(tiny_cfg), Dist())
     assert backend == "dali-cpu" and train.backend == "dali-cpu"
     assert "verified dali-cpu against the CPU reference on 4 dev clips" in caplog.text
 

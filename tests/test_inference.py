@@ -52,7 +52,7 @@ def test_one_by_one_view_equals_the_single_view(run, synth_root):
     """Multi-view testing with 1 temporal x 1 spatial view is the plain eval view."""
     from meld_dali.data.base import LoaderSpec
     from meld_dali.data.torch_loader import TorchLoader
-    from meld_dali.evaluation import Dist, predict_loader
+    from meld_dali.evaluation import predict_loader
     from meld_dali.inference import multi_view_probs
     from meld_dali.manifest import Manifest
 
@@ -60,7 +60,7 @@ def test_one_by_one_view_equals_the_single_view(run, synth_root):
     m, cfg = Manifest.load(synth_root), loaded.cfg
     spec = LoaderSpec(m, "dev", False, 4, cfg.train.seed, source="video")
     _, single, rows = predict_loader(loaded.model, TorchLoader(spec, cfg.data, cfg.loader),
-                                     loaded.device, None, Dist())
+                                     loaded.runtime)
     multi = multi_view_probs(loaded, m, rows.tolist(), "video", 1, 1)
     assert single.shape == multi.shape and len(rows) > 0
     np.testing.assert_allclose(multi, single, atol=1e-5)

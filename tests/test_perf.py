@@ -13,9 +13,9 @@ from meld_dali.bench.train import (
 
 from meld_dali.config import load_config
 from meld_dali.data.base import SyntheticLoader
-from meld_dali.launch import apply_backend_flags, compile_enabled, compile_regional
 from meld_dali.model import build_model
 from meld_dali.recipe import EpochStats
+from meld_dali.runtime import Runtime, compile_regional
 from meld_dali.trainer import Trainer
 
 TINY = ["data.num_frames=4", "data.crop_size=32", "data.short_side=36", "train.batch_size=4",
@@ -39,7 +39,7 @@ def test_lazy_loss_gives_the_same_epoch_average():
     loader = SyntheticLoader.random(22, 4, 32, 4)  # 6 batches, the last one short (2 clips)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    trainer = Trainer(cfg, model, loader, loader, [1] * 7, torch.device("cpu"))
+    trainer = Trainer(cfg, model, loader, loader, [1] * 7, Runtime.resolve(cfg))
     seen = []
     original = trainer.forward_backward
 
@@ -55,10 +55,12 @@ def test_lazy_loss_gives_the_same_epoch_average():
     direct = sum(v * n for v, n in seen) / sum(n for _, n in seen)
     assert stats.clips == 22 and stats.pending is None  # flushed at the end of the epoch
     assert stats.as_dict()["train_loss"] == pytest.approx(direct, rel=1e-12)
-    state = stats.state()  # checkpoints hold plain data
+    state = stats.state_dict()  # checkpoints hold plain data
     assert set(state) == {"loss_sum", "clips", "data_wait", "step_time"}
     assert all(isinstance(v, (int, float)) for v in state.values())
-    assert EpochStats.from_state(state).as_dict() == stats.as_dict()
+    restored = EpochStats()
+    restored.load_state_dict(state)
+    assert restored.as_dict() == stats.as_dict()
 
 
 @pytest.mark.slow
@@ -103,12 +105,24 @@ def test_flags_resolve_on_cpu():
     cpu = torch.device("cpu")
     cfg = load_config("seed")
     assert (cfg.train.compile, cfg.train.cudnn_benchmark) == ("auto", "auto")
-    assert compile_enabled(cfg.train, cpu) is False
-    assert apply_backend_flags(cfg, cpu) == {"cudnn_benchmark": False}
+    rt = Runtime.resolve(cfg, cpu)
+    assert (rt.compile, rt.cudnn_benchmark, rt.channels_last, rt.amp) == (False, False, False, None)
+    assert rt.video_dtype == torch.float32 and not rt.fp16_scaling
+    rt.apply()
     assert torch.backends.cudnn.benchmark is False
     on = load_config("seed", ["train.compile=true", "train.cudnn_benchmark=true"])
-    assert compile_enabled(on.train, cpu) is True
-    assert apply_backend_flags(on, cpu) == {"cudnn_benchmark": False}  # no cuDNN on CPU
+    rt = Runtime.resolve(on, cpu)
+    assert rt.compile is True and rt.cudnn_benchmark is False  # no cuDNN on CPU
+    # on a GPU (resolving touches no CUDA with compile given): the recipe's AMP everywhere
+    cuda = torch.device("cuda")
+    for amp, dtype, scaled in (("fp16", torch.float16, True), ("bf16", torch.bfloat16, False)):
+        rt = Runtime.resolve(load_config("seed", ["train.compile=false", f"train.amp={amp}"]),
+                             cuda)
+        assert (rt.amp, rt.video_dtype, rt.fp16_scaling) == (dtype, dtype, scaled)
+        assert rt.channels_last and rt.cudnn_benchmark
+    off = Runtime.resolve(load_config("seed", ["train.compile=false", "train.amp=off",
+                                               "loader.channels_last=false"]), cuda)
+    assert (off.amp, off.video_dtype, off.channels_last) == (None, torch.float32, False)
     assert peak_tflops(cpu) is None
     assert parse_stages("all") == ["head", "res5", "res4", "res3"]
     assert STAGE_TRAINABLE["res4"] == {"res4", "res5"} and STAGE_TRAINABLE["head"] == set()

@@ -285,7 +285,7 @@ def test_resume_past_a_lowered_step_cap_ends_the_epoch(synth_root, tiny_cfg, tmp
     first.train()
     first.run_lock.release()
     saved = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
-    assert saved["micro_step"] == 4 and saved["epoch"] == 0
+    assert saved["ranks"][0]["loader"]["delivered"] == 4 and saved["train"]["epoch"] == 0
     tiny_cfg.train.max_steps_per_epoch = 1
     resumed, _ = build_trainer(tiny_cfg, tmp_path / "r", resume="auto")
     resumed.train()
@@ -329,7 +329,8 @@ def test_group_sigterm_saves_and_the_printed_hint_resumes_bit_exact(synth_root, 
     assert "Traceback" not in out and "killed by signal" not in out, out[-3000:]
     assert "SIGTERM: finishing the current step, then saving" in out, out[-3000:]
     saved = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert saved["epoch"] == 0 and 0 < saved["step"] < 4, "expected a mid-epoch stop"
+    t = saved["train"]
+    assert t["epoch"] == 0 and 0 < t["step"] < 4, "expected a mid-epoch stop"
     hint = out.split("resume with `", 1)[1].split("`", 1)[0]
     assert hint == f"meld-dali train --out {run} --resume auto"
     r = subprocess.run(hint, shell=True, env=ENV, capture_output=True, text=True, timeout=600)

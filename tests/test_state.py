@@ -4,7 +4,6 @@ saving kept out of the data-wait timer."""
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,14 +12,14 @@ from meld_dali.config import load_config
 from meld_dali.data.base import SyntheticLoader
 from meld_dali.errors import UserError
 from meld_dali.trainer import Trainer
-from tests.test_trainer import TinyNet
+from tests.test_trainer import CPU, TinyNet
 
 
 def tiny_trainer(epochs: int, **kw) -> Trainer:
     cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=1", f"train.epochs={epochs}",
                              "train.min_epochs=0", "optim.class_weights=none"])
     train, dev = (SyntheticLoader.random(6, 4, 8, batch_size=2, seed=s) for s in (1, 2))
-    return Trainer(cfg, TinyNet(), train, dev, [1] * 7, torch.device("cpu"), **kw)
+    return Trainer(cfg, TinyNet(), train, dev, [1] * 7, CPU, **kw)
 
 
 def lrs(trainer) -> list[float]:
@@ -32,9 +31,9 @@ def test_extended_resume_rebuilds_the_schedule(tmp_path):
     OneCycle from the current step (as a straight 5-epoch run does), never a frozen LR."""
     short = tiny_trainer(3)
     short.train()
-    ckpt_io.atomic_save(short.state_dict(), tmp_path / "last.pt")
+    ckpt_io.atomic_save(short.checkpoint(), tmp_path / "last.pt")
     longer = tiny_trainer(5)
-    longer.load_state_dict(ckpt_io.load_checkpoint(tmp_path / "last.pt"))
+    longer.restore(ckpt_io.load_checkpoint(tmp_path / "last.pt"))
     assert longer.scheduler.total_steps == 15 and longer.scheduler.last_epoch == 9
     longer.train()
     straight = tiny_trainer(5)
@@ -76,22 +75,44 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, synth_root):
     assert not marker.exists()
 
 
-def test_checkpoints_with_numpy_rng_state_still_load(tmp_path):
-    """Checkpoints written before the RNG state was stored as plain values."""
-    old = tiny_trainer(1).state_dict()
-    old["rng"]["numpy"] = np.random.get_state()
-    ckpt_io.atomic_save(old, tmp_path / "old.pt")
-    state = ckpt_io.load_checkpoint(tmp_path / "old.pt")
-    ckpt_io.set_rng_state(state["rng"])
-    expected = np.random.RandomState()
-    expected.set_state(old["rng"]["numpy"])
-    assert np.random.random() == expected.random_sample()
+def test_checkpoint_is_one_entry_per_part_and_nothing_twice(tmp_path):
+    """The state tree: each part's own state_dict under its name, the header, nothing else;
+    the stage (derived from the epoch) and the pre-tree keys are not there."""
+    tr = tiny_trainer(2)
+    tr.train(until_epoch=1)
+    ckpt = tr.checkpoint()
+    assert set(ckpt) == {"format", "version", "emotions", "config", "train", "model",
+                         "optimizer", "scheduler", "scaler", "early_stop", "reporter", "ranks"}
+    assert set(ckpt["train"]) == {"epoch", "step", "epoch_stats"}
+    assert ckpt["train"]["epoch"] == 1 and ckpt["train"]["step"] == 3
+    assert [r["epoch"] for r in ckpt["reporter"]["history"]] == [0]
+    (rank,) = ckpt["ranks"]  # one process: one rank's loader position and RNG states
+    assert rank["loader"] == {"epoch": 1, "consumed": 0, "delivered": 0, "seed": 0}
+    assert set(rank["rng"]) >= {"python", "numpy", "torch"}
+    # restoring the tree into a fresh trainer gives back the same tree
+    ckpt_io.atomic_save(ckpt, tmp_path / "last.pt")
+    other = tiny_trainer(2)
+    other.restore(ckpt_io.load_checkpoint(tmp_path / "last.pt"))
+    again = other.checkpoint()
+    for name in ("train", "scheduler", "early_stop", "reporter"):
+        assert again[name] == ckpt[name], name
+    assert again["ranks"][0]["loader"] == rank["loader"]
+    for k, v in ckpt["model"].items():
+        assert torch.equal(again["model"][k], v), k
+
+
+def test_a_checkpoint_of_the_flat_format_is_refused_in_one_line(tmp_path):
+    flat = tiny_trainer(1).checkpoint()
+    flat["version"] = 1
+    ckpt_io.atomic_save(flat, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"format v1, this meld-dali reads v2 only"):
+        ckpt_io.load_checkpoint(tmp_path / "old.pt")
 
 
 class SlowSaver(ckpt_io.CheckpointSaver):
-    def save_last(self, state):
+    def save_last(self, states, cfg):
         time.sleep(0.3)
-        super().save_last(state)
+        super().save_last(states, cfg)
 
 
 def test_saving_is_not_counted_as_data_wait(tmp_path):
@@ -126,12 +147,13 @@ def test_best_and_step_copies_share_last_without_rewriting_it(tmp_path, monkeypa
     filesystem has none); replacing last.pt later leaves them as they were."""
     if not links:  # a filesystem without hard links (cannot be made here): os.link fails
         monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
-    saver = ckpt_io.CheckpointSaver(tmp_path, keep_last=1)
-    saver.save_last({"step": 1})
+    saver, cfg = ckpt_io.CheckpointSaver(tmp_path, keep_last=1), load_config(None)
+    at = lambda step: {"train": ckpt_io.Part(lambda: {"step": step}, None)}
+    saver.save_last(at(1), cfg)
     saver.save_best()
     assert os.path.samefile(saver.last, tmp_path / "best.pt") == links
-    saver.save_last({"step": 2})
-    assert [torch.load(tmp_path / n)["step"] for n in
+    saver.save_last(at(2), cfg)
+    assert [torch.load(tmp_path / n)["train"]["step"] for n in
             ("last.pt", "last.prev.pt", "best.pt", "step00000002.pt")] == [2, 1, 1, 2]
     assert {p.name for p in tmp_path.iterdir()} == {
         "best.pt", "last.pt", "last.prev.pt", "step00000002.pt"}

@@ -17,8 +17,11 @@ from meld_dali.data.base import SyntheticLoader
 from meld_dali.errors import UserError
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.recipe import EarlyStopping, build_scheduler, stages_for_epoch
+from meld_dali.runtime import Runtime
 from meld_dali.trainer import Trainer
 from tests.faults import corrupt_in_place
+
+CPU = Runtime.resolve(load_config(None), torch.device("cpu"))
 
 
 def test_onecycle_start_peak_end_and_warmup():
@@ -95,7 +98,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch():
         cfg = load_config(None, [f"train.batch_size={bs}", f"train.accum_steps={accum}",
                                  "optim.class_weights=none", "train.epochs=1"])
         loader = SyntheticLoader(data.video, data.mask, data.label, bs)
-        tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
+        tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, CPU)
         tr.train_one_epoch()
         assert tr.step == 1
         runs.append(tr)
@@ -112,7 +115,7 @@ def test_last_partial_accumulation_group_is_applied():
     cfg = load_config(None, ["train.batch_size=2", "train.accum_steps=4", "train.epochs=1",
                              "optim.class_weights=none"])
     loader = SyntheticLoader.random(10, 4, 8, batch_size=2)  # 5 micro-batches: 4 + 1
-    tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, torch.device("cpu"))
+    tr = GradProbe(cfg, TinyNet(), loader, loader, [1] * 7, CPU)
     tr.train_one_epoch()
     assert tr.step == 2 and tr.scheduler.total_steps == 2
     assert all(p.grad is None for p in tr.model.parameters())
@@ -145,7 +148,7 @@ def test_tiny_end_to_end_run(synth_root, tiny_cfg, tmp_path):
     assert rows[0]["stages"] == ["res5"] and rows[1]["stages"] == ["res4", "res5"]
     assert (run / "config.yaml").exists() and (run / "confusion_epoch001.png").exists()
     last = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert last["epoch"] == 2 and last["emotions"][0] == "neutral"
+    assert last["train"]["epoch"] == 2 and last["emotions"][0] == "neutral"
     assert (run / "checkpoints" / "best.pt").exists()
     with pytest.raises(UserError, match="already holds a run"):
         run_training(tiny_cfg, run)
@@ -209,7 +212,7 @@ def test_resume_equality_mid_epoch_in_process(synth_root, tiny_cfg, tmp_path):
     first.run_lock.release()  # the first process has ended
     assert result["interrupted"] and first.epoch == 0 and first.step == 2
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert saved["loader"]["consumed"] == 2 * 2 * tiny_cfg.train.batch_size  # mid-epoch
+    assert saved["ranks"][0]["loader"]["consumed"] == 2 * 2 * tiny_cfg.train.batch_size
     resumed, _ = build_trainer(tiny_cfg, tmp_path / "b", resume="auto")
     assert resumed.step == 2
     resumed.train()
@@ -246,7 +249,8 @@ def test_micro_step_survives_skipped_clips(synth_root, tiny_cfg, tmp_path):
     first.train()
     first.run_lock.release()  # the first process has ended
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert saved["micro_step"] == 2 and saved["loader"]["consumed"] == 6  # 3 batches read
+    position = saved["ranks"][0]["loader"]
+    assert position["delivered"] == 2 and position["consumed"] == 6  # 3 batches read
     resumed, _ = build_trainer(tiny_cfg, tmp_path / "b", resume="auto")
     resumed.train()
     assert resumed.step == straight.step == 4
@@ -272,7 +276,7 @@ def test_garbage_last_checkpoint_falls_back_to_previous(synth_root, tiny_cfg, tm
     tiny_cfg.train.max_steps_per_epoch = 1
     run_training(tiny_cfg, tmp_path / "r")
     ck = tmp_path / "r" / "checkpoints"
-    assert load_checkpoint(ck / "last.prev.pt")["epoch"] == 1
+    assert load_checkpoint(ck / "last.prev.pt")["train"]["epoch"] == 1
     data = (ck / "last.pt").read_bytes()
     (ck / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(UserError, match="not a readable checkpoint"):
@@ -301,9 +305,9 @@ def test_sigint_saves_a_loadable_last(synth_root, tmp_path):
     assert proc.returncode == 0, err
     assert "resume with" in err
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ck["step"] >= 1 and ck["epoch"] < 50
+    assert ck["train"]["step"] >= 1 and ck["train"]["epoch"] < 50
     trainer, _ = build_trainer(load_config("demo", [
         f"data.root={synth_root}", "train.epochs=50", "data.num_frames=4", "train.batch_size=4",
         "loader.workers=0", "train.checkpoint_every_steps=1", "loader.backend=torch"]),
         run, resume="auto")
-    assert trainer.step == ck["step"]
+    assert trainer.step == ck["train"]["step"]

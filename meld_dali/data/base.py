@@ -94,10 +94,13 @@ class ClipOrder:
 
 @dataclass
 class Position:
-    """Where a loader stands: the epoch, and how many clips of its order it has taken
-    (delivered or skipped as failures). All a resume needs."""
+    """Where a loader stands: the epoch, how many clips of its order it has taken
+    (delivered or skipped as failures) and how many batches it has delivered in the epoch.
+    All a resume needs: the trainer's place in the epoch is `delivered` (skipped clips never
+    shift its accumulation groups), the order's is `consumed`."""
     epoch: int = 0
     consumed: int = 0
+    delivered: int = 0
 
 
 class ClipLoader:
@@ -136,23 +139,26 @@ class ClipLoader:
             self.position = Position(epoch, 0)
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from self._batches()
+        for batch in self._batches():
+            self.position.delivered += 1
+            yield batch
         # the pass is complete: the next epoch starts from its beginning
-        self.position = Position(self.position.epoch + 1, 0)
+        self.position = Position(self.position.epoch + 1)
 
     def report(self, f: ClipFailure) -> None:
         self.failures.append(f)
         log.warning("skipped clip %s (manifest row %d): %s", f.path, f.index, f.error)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.position.epoch, "consumed": self.position.consumed,
+        p = self.position
+        return {"epoch": p.epoch, "consumed": p.consumed, "delivered": p.delivered,
                 "seed": self.seed}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("seed", self.seed) != self.seed:
+        if sd["seed"] != self.seed:
             raise UserError(f"loader state was saved with seed {sd['seed']}, "
                             f"this run uses {self.seed}")
-        self.position = Position(int(sd["epoch"]), int(sd["consumed"]))
+        self.position = Position(int(sd["epoch"]), int(sd["consumed"]), int(sd["delivered"]))
 
 
 class ManifestLoader(ClipLoader):

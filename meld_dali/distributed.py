@@ -1,0 +1,131 @@
+"""The process group a run trains in: one process (`Dist`) or DDP under torchrun (`DDP`).
+
+Every collective the trainer and evaluation need is a method here, and the single-process
+object answers each without communicating, so neither the trainer nor scoring branches on
+the number of processes. Every rank calls a collective at the same point of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class Dist:
+    """One process: every collective is the identity."""
+
+    rank, world = 0, 1
+
+    @property
+    def main(self) -> bool:
+        """The rank that writes checkpoints, logs and the run folder."""
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        """Join the process group; returns the device this rank trains on."""
+        return device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What runs forward and backward: the model itself."""
+        return model
+
+    def no_sync(self, net: nn.Module, skip: bool):
+        """A context without the gradient all-reduce (micro-batches inside a group)."""
+        return contextlib.nullcontext()
+
+    def agree(self, flag: bool, any_rank: bool = False) -> bool:
+        """One flag agreed over ranks: every rank's (all), or with any_rank any rank's."""
+        return flag
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        return [obj]
+
+    def average_grads(self, model: nn.Module) -> None:
+        """Average gradients accumulated under no_sync over ranks."""
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics)."""
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """The loader's batches while every rank has one (a generator: `close` ends it)."""
+        yield from loader
+
+
+class DDP(Dist):
+    """torchrun's process group: NCCL on GPU, gloo on CPU."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.device = torch.device("cpu")
+
+    def start(self, device: torch.device) -> torch.device:
+        import torch.distributed as tdist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device  # where the flags of `agree` live (NCCL needs CUDA tensors)
+        return device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        # DDP registers only the parameters that require grad when it wraps, so the trainer
+        # wraps again at each unfreezing; buffers stay per rank (`broadcast_buffers` before
+        # evaluation), which saves a broadcast per forward
+        dev = self.device
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            broadcast_buffers=False)
+
+    def no_sync(self, net: nn.Module, skip: bool):
+        return net.no_sync() if skip else contextlib.nullcontext()
+
+    def agree(self, flag: bool, any_rank: bool = False) -> bool:
+        import torch.distributed as tdist
+
+        t = torch.tensor([int(flag)], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if any_rank else tdist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        import torch.distributed as tdist
+
+        parts: list = [None] * self.world
+        tdist.all_gather_object(parts, obj)
+        return parts
+
+    def average_grads(self, model: nn.Module) -> None:
+        import torch.distributed as tdist
+
+        for p in model.parameters():
+            if p.grad is not None:
+                tdist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        import torch.distributed as tdist
+
+        for buf in model.buffers():
+            tdist.broadcast(buf, src=0)
+
+    def batches(self, loader: Iterable) -> Iterator:
+        # a skipped clip can leave a rank a batch short; DDP needs every rank in every step,
+        # so all stop where the first runs out (one tiny all-reduce per micro-batch)
+        it = iter(loader)
+        while True:
+            batch = next(it, None)
+            if not self.agree(batch is not None):
+                return
+            yield batch
+
+
+def from_env() -> Dist:
+    """The process group torchrun describes in the environment (one process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DDP(int(os.environ.get("RANK", 0)), world) if world > 1 else Dist()
