@@ -93,7 +93,7 @@ def prepare_cmd(root: Path = typer.Argument(..., help="MELD root (MELD.Raw unpac
     """Probe every labelled clip and write the manifest (and optionally frame folders
     and a re-encoded clip cache)."""
     from meld_dali.prepare import prepare
-    from meld_dali.report import print_report
+    from meld_dali.tables import print_report
 
     with progress() as p:
         _, report = prepare(root, out_dir, frames, short_side, workers, progress=p,
@@ -131,7 +131,7 @@ def train(config: Path = typer.Option(None, help="YAML recipe (or built-in: seed
         raise typer.Exit(0)
     console.print(f"done in {result['seconds']:.0f}s: best dev weighted F1 "
                   f"{result['best_weighted_f1']:.4f}; run folder {result['run_dir']}")
-    from meld_dali.report import run_summary
+    from meld_dali.tables import run_summary
 
     for part in run_summary(result["history"], result["run_dir"]):
         console.print(part, highlight=False)
@@ -169,7 +169,7 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
     from meld_dali.inference import evaluate as run
     from meld_dali.inference import load_for_inference
     from meld_dali.metrics import plot_confusion
-    from meld_dali.report import evaluation_table
+    from meld_dali.tables import evaluation_table
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose dev or test (or train)")
@@ -200,7 +200,7 @@ def predict(checkpoint: Path = typer.Argument(..., help="checkpoint file"),
 
     from meld_dali.inference import load_for_inference, predict_file
     from meld_dali.progress import PassProgress, iterate
-    from meld_dali.report import prediction_table
+    from meld_dali.tables import prediction_table
 
     loaded = load_for_inference(checkpoint, device)
     bar = PassProgress(console, loaded.cfg.tracking.progress_every) if len(videos) > 1 else None

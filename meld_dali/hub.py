@@ -96,9 +96,9 @@ def _token(api) -> str | None:
         return None
 
 
-def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
-    """Push run_dir's best checkpoint as one commit to cfg.repo_id. Returns True on success."""
-    if not cfg.repo_id or cfg.push == "never":
+def push(hub_cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
+    """Push run_dir's best checkpoint as one commit to hub_cfg.repo_id; True on success."""
+    if not hub_cfg.repo_id or hub_cfg.push == "never":
         return False
     best = Path(run_dir) / "checkpoints" / "best.pt"
     if not best.exists():
@@ -110,7 +110,7 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
         api = HfApi()
     if not _token(api):
         log.warning("hub: no Hugging Face token (set HF_TOKEN or `huggingface-cli login`): "
-                    "skipping the push to %s", cfg.repo_id)
+                    "skipping the push to %s", hub_cfg.repo_id)
         return False
     from huggingface_hub import CommitOperationAdd
 
@@ -125,23 +125,23 @@ def push(cfg: HubConfig, run_dir: Path, api=None, sleep=time.sleep) -> bool:
         (staged / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staged / "metrics.json").write_text(json.dumps(
             {"best": metrics, "history": history}, indent=2))
-        (staged / "README.md").write_text(model_card(cfg.repo_id, config, metrics,
+        (staged / "README.md").write_text(model_card(hub_cfg.repo_id, config, metrics,
                                                      metrics.get("epoch", ckpt["train"]["epoch"])))
         ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                for p in sorted(staged.iterdir())]
-        for attempt in range(1, cfg.retries + 1):
+        for attempt in range(1, hub_cfg.retries + 1):
             try:
-                api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
-                api.create_commit(cfg.repo_id, operations=ops,
+                api.create_repo(hub_cfg.repo_id, private=hub_cfg.private, exist_ok=True)
+                api.create_commit(hub_cfg.repo_id, operations=ops,
                                   commit_message=f"meld-dali: best of {Path(run_dir).name} "
                                                  f"(epoch {metrics.get('epoch')}, weighted F1 "
                                                  f"{metrics.get('weighted_f1', 0):.4f})")
-                log.info("hub: pushed model, config, metrics and card to %s", cfg.repo_id)
+                log.info("hub: pushed model, config, metrics and card to %s", hub_cfg.repo_id)
                 return True
             except Exception as e:  # noqa: BLE001 - network trouble: retry, then give up
-                if attempt == cfg.retries:
+                if attempt == hub_cfg.retries:
                     log.warning("hub: push to %s failed after %d tries (%s); the local run "
-                                "folder is untouched", cfg.repo_id, attempt, e)
+                                "folder is untouched", hub_cfg.repo_id, attempt, e)
                     return False
                 wait = 2 ** attempt
                 log.warning("hub: push failed (%s); retrying in %ds", e, wait)

@@ -55,23 +55,23 @@ class Head(nn.Module):
 
 
 class SlowFastMELD(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig):
         super().__init__()
-        if cfg.name != "slowfast_r50":
-            raise ValueError(f"unknown model {cfg.name!r} (only slowfast_r50)")
+        if model_cfg.name != "slowfast_r50":
+            raise ValueError(f"unknown model {model_cfg.name!r} (only slowfast_r50)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pytorchvideo's torch.jit deprecation noise
             from pytorchvideo.models.slowfast import create_slowfast
 
-            net = create_slowfast(model_num_class=cfg.num_classes, model_depth=50,
+            net = create_slowfast(model_num_class=model_cfg.num_classes, model_depth=50,
                                   slowfast_conv_channel_fusion_ratio=2,
-                                  slowfast_fusion_conv_stride=(cfg.alpha, 1, 1))
+                                  slowfast_fusion_conv_stride=(model_cfg.alpha, 1, 1))
         # blocks 0-4: stem, res2..res5 (each a two-pathway stage with its fusion).
         # pytorchvideo's own pool + head (fixed 224-px kernels) are replaced by ours.
         self.blocks = nn.ModuleList(net.blocks[:5])
         _plain_ints(self.blocks)
-        self.head = Head(FEATURES, cfg.hidden, cfg.dropout, cfg.num_classes)
-        self.alpha = cfg.alpha
+        self.head = Head(FEATURES, model_cfg.hidden, model_cfg.dropout, model_cfg.num_classes)
+        self.alpha = model_cfg.alpha
         self.trainable: set[str] = set(STAGES)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ def _plain_ints(module: nn.Module) -> None:
                 setattr(m, attr, tuple(int(x) for x in v))
 
 
-def build_model(cfg: ModelConfig) -> SlowFastMELD:
-    model = SlowFastMELD(cfg)
-    model.load_pretrained(cfg.pretrained, cfg.cache_dir)
+def build_model(model_cfg: ModelConfig) -> SlowFastMELD:
+    model = SlowFastMELD(model_cfg)
+    model.load_pretrained(model_cfg.pretrained, model_cfg.cache_dir)
     return model

@@ -89,26 +89,26 @@ class EpochStats:
                 "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
 
 
-def stages_for_epoch(cfg_train, epoch: int) -> set[str]:
-    if not cfg_train.freeze_backbone:
+def stages_for_epoch(train, epoch: int) -> set[str]:
+    if not train.freeze_backbone:
         return set(STAGES)
-    return {name for ep, name in cfg_train.unfreeze.items() if ep <= epoch}
+    return {name for ep, name in train.unfreeze.items() if ep <= epoch}
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
     """AdamW over every parameter (frozen ones included, so unfreezing resets nothing);
     no weight decay on norms and biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.base_lr, betas=tuple(cfg.betas))
+                             lr=optim.base_lr, betas=tuple(optim.betas))
 
 
-def build_scheduler(opt, cfg, total_steps: int):
+def build_scheduler(opt, optim, total_steps: int):
     """OneCycle: base_lr -> max_lr over warmup_pct, cosine back down to base_lr."""
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.max_lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup_pct,
-        anneal_strategy=cfg.anneal, div_factor=cfg.max_lr / cfg.base_lr, final_div_factor=1.0,
+        opt, max_lr=optim.max_lr, total_steps=max(total_steps, 1), pct_start=optim.warmup_pct,
+        anneal_strategy=optim.anneal, div_factor=optim.max_lr / optim.base_lr, final_div_factor=1.0,
         cycle_momentum=False)

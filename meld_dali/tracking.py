@@ -28,19 +28,19 @@ class NullTracker:
 class WandbTracker(NullTracker):
     """Thin, failure-proof wrapper around a wandb run."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, run_id: str | None,
+    def __init__(self, tracking: TrackingConfig, run_dir: Path, config: dict, run_id: str | None,
                  name: str):
-        self.cfg, self.run = cfg, None
-        mode = cfg.mode
+        self.tracking, self.run = tracking, None
+        mode = tracking.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         try:
             import wandb
 
             self.wandb = wandb
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, dir=str(run_dir),
-                                  config=config, mode=mode, id=run_id, resume="allow",
-                                  name=name, reinit="finish_previous",
+            self.run = wandb.init(project=tracking.project, entity=tracking.entity or None,
+                                  dir=str(run_dir), config=config, mode=mode, id=run_id,
+                                  resume="allow", name=name, reinit="finish_previous",
                                   settings=wandb.Settings(silent=True, console="off"))
             self.run_id = self.run.id
             log.info("W&B: %s run %s in %s", mode, self.run.id, run_dir / "wandb")
@@ -66,7 +66,7 @@ class WandbTracker(NullTracker):
             flat["dev/confusion"] = self.wandb.Image(confusion_png)
         if predictions:
             table = self.wandb.Table(columns=["clip_id", "true", "predicted", "confidence"])
-            for p in predictions[: self.cfg.sample_predictions]:
+            for p in predictions[: self.tracking.sample_predictions]:
                 table.add_data(p["clip_id"], p["true"], p["predicted"], p["confidence"])
             flat["dev/predictions"] = table
         self._safe(self.run.log, flat, step=step)
@@ -79,9 +79,9 @@ class WandbTracker(NullTracker):
         self._safe(self.run.finish)
 
 
-def build_tracker(cfg: TrackingConfig, run_dir: Path, config: dict, run_id: str | None,
+def build_tracker(tracking: TrackingConfig, run_dir: Path, config: dict, run_id: str | None,
                   enabled: bool = True) -> NullTracker:
-    if not (cfg.wandb and enabled):
+    if not (tracking.wandb and enabled):
         return NullTracker()
-    return WandbTracker(cfg, run_dir, config, run_id, name=run_dir.name)
+    return WandbTracker(tracking, run_dir, config, run_id, name=run_dir.name)
 

@@ -21,9 +21,9 @@ from meld_dali.clips import Clip
 from meld_dali.data.decode import read_video_frames
 from meld_dali.prepare import prepare
 from meld_dali.probe import probe
-from meld_dali.report import print_report
 from meld_dali.sampling import clip_indices
 from meld_dali.synth import SynthSpec, _encoder_options, render_clip, synth, write_video
+from meld_dali.tables import print_report
 
 
 def write_clip(path: Path, frames: np.ndarray, pix_fmt: str = "yuv420p",

@@ -12,8 +12,8 @@ from meld_dali.config import EMOTIONS
 from meld_dali.curves import curve_series
 from meld_dali.progress import PassProgress, fmt_duration, iterate
 from meld_dali.recipe import EpochStats
-from meld_dali.report import class_table, evaluation_table, run_summary, status_table
 from meld_dali.reporting import EpochReporter
+from meld_dali.tables import class_table, evaluation_table, run_summary, status_table
 
 
 def plain(width: int = 80) -> tuple[Console, io.StringIO]:

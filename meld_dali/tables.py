@@ -1,4 +1,4 @@
-"""Rich tables for people: `prepare`'s report, `evaluate`'s scores and the summary that
+"""Rich tables for the CLI: `prepare`'s report, `evaluate`'s scores and the summary that
 closes `train`. Each fits 80 columns (a terminal's or a CI log's width); every figure is
 also in the JSON files."""
 
