@@ -101,7 +101,7 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches(synth_root):
     for _ in range(2):
         next(it)
     state = L2.state_dict()
-    assert state == {"epoch": 1, "consumed": 8, "seed": 3}
+    assert state == {"epoch": 1, "consumed": 8, "delivered": 2, "seed": 3}
     L3, _ = loader(synth_root)
     L3.load_state_dict(state)
     rest = [(b.index, b.video) for b in L3]
