@@ -31,7 +31,7 @@ from meld_dali.errors import UserError
 from meld_dali.fileio import (
     TMP_SUFFIX,
     FolderLock,
-    append_line,
+    Journal,
     atomic_write,
     check_writable,
     claim_folder,
@@ -251,10 +251,11 @@ def _prepare(root: Path, out_dir: Path, frames, short_side: int, workers: int, p
 
     todo = [(i, str(p) if p else "") for i, (r, p) in enumerate(rows) if key(r) not in done]
     resumed = len(rows) - len(todo)
-    for i, result in run_parallel(_probe_job, todo, workers, progress, "probe clips"):
-        rec = {"key": key(rows[i][0]), **result}
-        done[rec["key"]] = rec
-        append_line(partial, json.dumps(rec))
+    with Journal(partial) as journal:
+        for i, result in run_parallel(_probe_job, todo, workers, progress, "probe clips"):
+            rec = {"key": key(rows[i][0]), **result}
+            done[rec["key"]] = rec
+            journal.append(json.dumps(rec))
 
     clips = []
     for r, p in rows:
