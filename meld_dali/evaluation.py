@@ -17,8 +17,9 @@ from meld_dali.runtime import Runtime
 def predict_loader(net: nn.Module, loader, runtime: Runtime, dist: Dist | None = None,
                    on_batch=None):
     """(labels, probabilities [N, 7], manifest rows) over a whole split, every clip once,
-    gathered over ranks, run as `runtime` says (the trainer's own autocast).
-    `on_batch(batches_done, clips_done)`, if given, follows progress."""
+    gathered over ranks, run as `runtime` says (the trainer's own autocast); a multi-view
+    loader's views of a clip averaged into one (`average_views`). `on_batch(batches_done,
+    clips_done)`, if given, follows progress."""
     net.eval()
     labels, probs, rows = [], [], []
     clips = 0
@@ -32,11 +33,21 @@ def predict_loader(net: nn.Module, loader, runtime: Runtime, dist: Dist | None =
         if on_batch is not None:
             on_batch(done, clips)
     if labels:
-        labels, probs, rows = torch.cat(labels), torch.cat(probs), torch.cat(rows)
+        labels, probs, rows = average_views(torch.cat(labels), torch.cat(probs),
+                                            torch.cat(rows))
     else:
         labels, probs, rows = (torch.zeros(0, dtype=torch.int64),
                                torch.zeros(0, len(EMOTIONS)), torch.zeros(0, dtype=torch.int64))
     return gather(labels, probs, rows, dist or Dist())
+
+
+def average_views(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor):
+    """One prediction per manifest row, in row order: the mean softmax of the row's views
+    (multi-view testing delivers a clip once per view; a clip's views all go to one rank).
+    With one view per row the probabilities come back unchanged, bit for bit."""
+    uniq, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+    total = probs.new_zeros(len(uniq), probs.shape[1]).index_add_(0, inverse, probs)
+    return uniq.new_empty(len(uniq)).scatter_(0, inverse, labels), total / counts[:, None], uniq
 
 
 def gather(labels: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, dist: Dist):

@@ -3,7 +3,7 @@ optional multi-view testing), and predict the emotion of arbitrary video files (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +12,18 @@ import torch
 from meld_dali.checkpoint import load_checkpoint
 from meld_dali.config import EMOTIONS, Config, config_from_saved
 from meld_dali.data.base import Batch, LoaderSpec
-from meld_dali.data.decode import read_clip, read_video_frames, to_clip, upright
+from meld_dali.data.decode import read_video_frames, to_clip, upright
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import predict_loader
 from meld_dali.launch import open_manifest
-from meld_dali.manifest import Manifest
 from meld_dali.metrics import classification_metrics
 from meld_dali.model import SlowFastMELD
 from meld_dali.probe import probe
-from meld_dali.progress import PassProgress, iterate
+from meld_dali.progress import PassProgress
 from meld_dali.runtime import Runtime, pick_device
 from meld_dali.sampling import sample_indices
-from meld_dali.transforms import EVAL_PARAMS, AugParams
+from meld_dali.transforms import EVAL_PARAMS
 
 
 @dataclass
@@ -59,8 +58,9 @@ def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
 def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str = "auto",
              views: tuple[int, int] | None = None, progress: PassProgress | None = None) -> dict:
     """Metrics of a split. `views=(temporal, spatial)` adds PySlowFast-style multi-view
-    testing (softmax averaged over views per clip), reported beside the single view.
-    `progress` (optional) shows the passes over the split."""
+    testing (the loader delivers every view of every clip; the softmax is averaged over a
+    clip's views), reported beside the single view. `progress` (optional) shows the passes
+    over the split."""
     cfg = loaded.cfg
     root = data or cfg.data.root
     if not root:
@@ -72,24 +72,34 @@ def evaluate(loaded: Loaded, data: str | Path | None, split: str, backend: str =
     spec = LoaderSpec(manifest, split, False, cfg.train.batch_size, cfg.train.seed,
                       device=rt.device, dtype=rt.video_dtype, channels_last=rt.channels_last,
                       source=source)
-    loader = build_loader(spec, cfg.data, cfg.loader, backend)
-    on_batch = None
-    if progress is not None:
-        progress.start(split, len(loader))
-        on_batch = progress.update
-    try:
-        labels, probs, rows = predict_loader(loaded.model, loader, rt, on_batch=on_batch)
-    finally:
-        if progress is not None:
-            progress.stop()
+    labels, probs = _predict(loaded, spec, backend, split, progress)
     result = {"split": split, "backend": backend,
               "checkpoint_epoch": loaded.ckpt["train"]["epoch"],
               **classification_metrics(labels, probs.argmax(1))}
     if views:
-        mv = multi_view_probs(loaded, manifest, rows.tolist(), source, *views, progress)
+        labels, probs = _predict(loaded, replace(spec, views=views), backend,
+                                 f"{split} {views[0]}x{views[1]} views", progress)
         result["multi_view"] = {"views": {"temporal": views[0], "spatial": views[1]},
-                                **classification_metrics(labels, mv.argmax(1))}
+                                **classification_metrics(labels, probs.argmax(1))}
     return result
+
+
+def _predict(loaded: Loaded, spec: LoaderSpec, backend: str, label: str,
+             progress: PassProgress | None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of every clip of the loader `spec` describes."""
+    cfg = loaded.cfg
+    loader = build_loader(spec, cfg.data, cfg.loader, backend)
+    on_batch = None
+    if progress is not None:
+        progress.start(label, len(loader))
+        on_batch = progress.update
+    try:
+        labels, probs, _ = predict_loader(loaded.model, loader, loaded.runtime,
+                                          on_batch=on_batch)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return labels, probs
 
 
 def parse_views(text: str) -> tuple[int, int]:
@@ -102,31 +112,6 @@ def parse_views(text: str) -> tuple[int, int]:
     if t < 1 or s < 1:
         raise bad
     return t, s
-
-
-def spatial_params(h: int, w: int, k: int) -> list[AugParams]:
-    """k crops along the longer side (3 = start, centre, end), like PySlowFast's test."""
-    pos = [0.5] if k == 1 else [i / (k - 1) for i in range(k)]
-    return [AugParams(crop_x=p) if w >= h else AugParams(crop_y=p) for p in pos]
-
-
-@torch.no_grad()
-def multi_view_probs(loaded: Loaded, manifest: Manifest, rows: list[int], source: str,
-                     temporal: int, spatial: int,
-                     progress: PassProgress | None = None) -> np.ndarray:
-    cfg, out = loaded.cfg.data, []
-    for row in iterate(rows, progress, f"multi-view {temporal}x{spatial}", unit="clips"):
-        clip = manifest.clips[row]
-        views = []
-        for t in range(temporal):
-            idx, mask = sample_indices(clip.num_frames, cfg.num_frames, train=False,
-                                       position=(t + 0.5) / temporal)
-            raw = read_clip(manifest, clip, idx[mask], source)
-            h, w = raw.shape[1:3]
-            views += [to_clip(raw, cfg, p) for p in spatial_params(h, w, spatial)]
-        video, mask = (torch.stack(v) for v in zip(*views, strict=True))
-        out.append(_probs(loaded, video, mask).mean(0))
-    return torch.stack(out).numpy()
 
 
 def _probs(loaded: Loaded, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,6 @@ class SlowFastMELD(nn.Module):
         self.trainable: set[str] = set(STAGES)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        video = video * mask[:, None, :, None, None].to(video.dtype)
         # pytorchvideo's multipathway blocks mutate the list in place: a fresh one per call
         x = [video[:, :, :: self.alpha], video]
         for block in self.blocks:

@@ -51,7 +51,8 @@ def sample_indices(n: int, num_frames: int, *, train: bool,
 
 
 def clip_indices(n: int, num_frames: int, *, train: bool, seed: int, epoch: int,
-                 clip: int) -> tuple[np.ndarray, np.ndarray]:
-    """The spec as every backend calls it: seeded from (seed, epoch, clip)."""
+                 clip: int, position: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The spec as a clip's plan (`data.plan.make_plan`) calls it: train seeded from
+    (seed, epoch, clip), eval at `position` of each segment."""
     rng = clip_rng(seed, epoch, clip, 0) if train else None
-    return sample_indices(n, num_frames, train=train, rng=rng)
+    return sample_indices(n, num_frames, train=train, rng=rng, position=position)

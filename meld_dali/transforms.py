@@ -35,15 +35,15 @@ class AugParams:
 EVAL_PARAMS = AugParams()
 
 
-def draw_params(cfg: DataConfig, *, seed: int, epoch: int, clip: int) -> AugParams:
+def draw_params(data: DataConfig, *, seed: int, epoch: int, row: int) -> AugParams:
     """The per-clip random draw; seeded like the frame indices (separate stream)."""
-    rng = clip_rng(seed, epoch, clip, 1)
+    rng = clip_rng(seed, epoch, row, 1)
     y, x, flip_u, angle_u, b_u, c_u = rng.random(6)
     return AugParams(
-        crop_y=float(y), crop_x=float(x), flip=bool(flip_u < cfg.flip_p),
-        angle=float((2 * angle_u - 1) * cfg.rotate_deg),
-        brightness=float(cfg.brightness[0] + b_u * (cfg.brightness[1] - cfg.brightness[0])),
-        contrast=float(cfg.contrast[0] + c_u * (cfg.contrast[1] - cfg.contrast[0])))
+        crop_y=float(y), crop_x=float(x), flip=bool(flip_u < data.flip_p),
+        angle=float((2 * angle_u - 1) * data.rotate_deg),
+        brightness=float(data.brightness[0] + b_u * (data.brightness[1] - data.brightness[0])),
+        contrast=float(data.contrast[0] + c_u * (data.contrast[1] - data.contrast[0])))
 
 
 def crop_box(h: int, w: int, size: int, p: AugParams) -> tuple[int, int]:
@@ -63,36 +63,36 @@ def rotation(p: AugParams, size: int) -> np.ndarray:
     return m
 
 
-def colour_affine(p: AugParams, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def colour_affine(p: AugParams, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Brightness/contrast then normalization as one affine map of the uint8 pixel x:
     ((b * (0.5 + c * (x / 255 - 0.5))) - mean) / std = x * scale + shift, per channel
     (float32 [3] each). The CPU loader applies it as one multiply-add; DALI's graph as the
     per-sample mean/std of its normalization (`pipelines.graphs.dali_params`)."""
-    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
     b, c = p.brightness, p.contrast
     return b * c / (255 * std), (b * 0.5 * (1 - c) - mean) / std
 
 
-def apply_clip(frames: torch.Tensor, cfg: DataConfig, p: AugParams) -> torch.Tensor:
+def apply_clip(frames: torch.Tensor, data: DataConfig, p: AugParams) -> torch.Tensor:
     """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized.
 
-    Cheap where it can be (the CPU loader's cost on a clip cache is mostly here): no resize
-    when the frames already have the short side; flip and rotation in one OpenCV warp per
-    frame (~4x faster than torchvision's grid sampling, same map); colour and normalization
-    in one multiply-add."""
-    if min(frames.shape[-2:]) != cfg.short_side:  # cached clips and frames are already there
-        frames = F.resize(frames, [cfg.short_side], antialias=True)
-    S = cfg.crop_size
+    Cheap where it can be (the CPU loader's cost on a clip cache is mostly here): frames
+    already at the short side (cached clips, frame folders) come back from the resize
+    untouched (torchvision returns its input when the size is unchanged); flip and rotation
+    in one OpenCV warp per frame (~4x faster than torchvision's grid sampling, same map);
+    colour and normalization in one multiply-add."""
+    frames = F.resize(frames, [data.short_side], antialias=True)
+    S = data.crop_size
     top, left = crop_box(frames.shape[-2], frames.shape[-1], S, p)
     hwc = frames[..., top:top + S, left:left + S].permute(0, 2, 3, 1).numpy()  # [t, S, S, 3]
     if p.angle:
         m = rotation(p, S)
-        interp = cv2.INTER_NEAREST if cfg.rotate_interp == "nearest" else cv2.INTER_LINEAR
+        interp = cv2.INTER_NEAREST if data.rotate_interp == "nearest" else cv2.INTER_LINEAR
         hwc = np.stack([cv2.warpAffine(np.ascontiguousarray(f), m, (S, S), flags=interp,
                                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
                         for f in hwc])
     elif p.flip:
         hwc = hwc[:, :, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(hwc)).permute(3, 0, 1, 2).contiguous()
-    scale, shift = (v.view(3, 1, 1, 1) for v in colour_affine(p, cfg))
+    scale, shift = (v.view(3, 1, 1, 1) for v in colour_affine(p, data))
     return torch.addcmul(shift, x.float(), scale)

@@ -3,8 +3,8 @@
 One function builds every variant (`clip_pipeline`), keyed by `is_training`, the input kind
 and the device; the GPU and CPU variants differ only in the decoder backend and where the
 data moves to the GPU. Frame indices and augmentation parameters are not drawn inside DALI:
-they come from the external source, computed by the same sampling spec and `draw_params`
-as the CPU loader, so both backends see the same frames and the same draw for a clip.
+they come from the external source, from the clip's plan (`meld_dali.data.plan`), the CPU
+loader's own, so both backends see the same frames, draw and test view for a clip.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MEAN, STD = slice(4, 7), slice(7, 10)
 OUTPUTS = ("video", "label", "index", "mask")
 
 
-def dali_params(p: AugParams, cfg: DataConfig) -> np.ndarray:
+def dali_params(p: AugParams, data: DataConfig) -> np.ndarray:
     """One clip's draw in the form the fused graph applies it (float32 [10]).
 
     - flip then rotate by a == rotate by -a then flip, so the flip can move into
@@ -30,34 +30,36 @@ def dali_params(p: AugParams, cfg: DataConfig) -> np.ndarray:
       (`transforms.colour_affine`, the CPU loader's too) = (x - m') / s' with s' = 1 / scale,
       m' = -shift / scale: the per-sample mean/std of the normalization, so colour costs
       nothing."""
-    scale, shift = (v.double().numpy() for v in colour_affine(p, cfg))
+    scale, shift = (v.double().numpy() for v in colour_affine(p, data))
     std = 1 / scale
     angle = -p.angle if p.flip else p.angle
     return np.concatenate([[p.crop_y, p.crop_x, float(p.flip), angle], -shift * std, std]
                           ).astype(np.float32)
 
 
-def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: str = "CFHW",
+def augment(frames, params, data: DataConfig, is_training: bool, dtype, layout: str = "CFHW",
             resize: bool = True):
     """The augmentation spec on a sequence (FHWC uint8) or frame (HWC), one draw per sample:
     resize shorter side -> crop -> flip -> rotate -> contrast/brightness -> normalize
     (fused as resize -> crop -> rotate -> flip+colour+normalize, see `dali_params`),
-    returned as `layout` in `dtype`. Eval: resize -> center crop -> normalize.
+    returned as `layout` in `dtype`. Eval: resize -> crop at the plan's view (the centre
+    crop, or a multi-view test's) -> normalize.
     `resize=False` when the input already has the configured shorter side (frame folders, or a
     clip cache at data.short_side)."""
     if resize:
-        frames = fn.resize(frames, resize_shorter=cfg.short_side, antialias=True,
+        frames = fn.resize(frames, resize_shorter=data.short_side, antialias=True,
                            interp_type=types.INTERP_LINEAR)
-    size = (cfg.crop_size, cfg.crop_size)
+    size = (data.crop_size, data.crop_size)
     if not is_training:
-        return fn.crop_mirror_normalize(frames, crop=size, out_of_bounds_policy="pad",
+        return fn.crop_mirror_normalize(frames, crop=size, crop_pos_y=params[CROP_Y],
+                                        crop_pos_x=params[CROP_X], out_of_bounds_policy="pad",
                                         fill_values=0, dtype=dtype, output_layout=layout,
-                                        mean=[255 * m for m in cfg.mean],
-                                        std=[255 * s for s in cfg.std])
+                                        mean=[255 * m for m in data.mean],
+                                        std=[255 * s for s in data.std])
     frames = fn.crop(frames, crop=size, crop_pos_y=params[CROP_Y], crop_pos_x=params[CROP_X],
                      out_of_bounds_policy="pad", fill_values=0)
-    if cfg.rotate_deg:  # DALI's warp costs the same at angle 0: leave it out of the graph
-        interp = types.INTERP_NN if cfg.rotate_interp == "nearest" else types.INTERP_LINEAR
+    if data.rotate_deg:  # DALI's warp costs the same at angle 0: leave it out of the graph
+        interp = types.INTERP_NN if data.rotate_interp == "nearest" else types.INTERP_LINEAR
         frames = fn.rotate(frames, angle=params[ANGLE], keep_size=True, fill_value=0,
                            interp_type=interp)
     return fn.crop_mirror_normalize(frames, mirror=fn.cast(params[FLIP], dtype=types.INT32),
@@ -66,7 +68,7 @@ def augment(frames, params, cfg: DataConfig, is_training: bool, dtype, layout: s
 
 
 @pipeline_def(enable_conditionals=False)
-def clip_pipeline(source, cfg: DataConfig, is_training: bool, kind: str, device: str, dtype,
+def clip_pipeline(source, data: DataConfig, is_training: bool, kind: str, device: str, dtype,
                   resize: bool = True):
     """kind 'video': one encoded file per sample, decoded at the given frame indices (out of
     range = padded slots, filled with 0). kind 'frames': one JPEG per sample (B*T samples,
@@ -80,7 +82,7 @@ def clip_pipeline(source, cfg: DataConfig, is_training: bool, kind: str, device:
                                    pad_mode="constant", fill_value=0)
     else:
         frames = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-    video = augment(frames, params, cfg, is_training, dtype,
+    video = augment(frames, params, data, is_training, dtype,
                     "CFHW" if kind == "video" else "CHW", resize)
     if device == "gpu":
         label, index, mask = label.gpu(), index.gpu(), mask.gpu()

@@ -207,17 +207,18 @@ def test_backend_selection_explains_what_cannot_run(synth_root, synth_vp9):
 def test_errors_that_are_not_decode_errors_surface(synth_vp9, monkeypatch):
     """Only a decoder failing on a clip goes to the CPU recovery; an out-of-memory error
     (raised here in the source, as CUDA would raise it) reaches the caller."""
-    from meld_dali.pipelines import loader as dali_loader
+    from meld_dali.pipelines.sources import FileReader
 
-    real = dali_loader.FileReader.read
-
-    def oom_on_third(self, epoch, row):
-        if row == self.loader.pass_rows[2]:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, epoch, row)
-
-    monkeypatch.setattr(dali_loader.FileReader, "read", oom_on_third)
+    real = FileReader.read
     dali, _ = pair(synth_vp9, bs=2)
+    third = dali.rows(0)[2]
+
+    def oom_on_third(self, plan):
+        if plan.row == third:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, plan)
+
+    monkeypatch.setattr(FileReader, "read", oom_on_third)
     with pytest.raises(RuntimeError, match="out of memory"):
         list(dali)
     assert not dali.failures  # nothing was reported as a bad clip

@@ -48,22 +48,36 @@ def test_multi_view_is_reported_beside_single_view(run, synth_root):
     assert 0 <= mv["weighted_f1"] <= 1
 
 
-def test_one_by_one_view_equals_the_single_view(run, synth_root):
-    """Multi-view testing with 1 temporal x 1 spatial view is the plain eval view."""
+def test_multi_view_probabilities_are_the_per_clip_definition(run, synth_root):
+    """Through the loader (views batched across clips, averaged by row in predict_loader):
+    each clip's probabilities = the mean softmax of the old per-clip path's views."""
+    import torch
+
     from meld_dali.data.base import LoaderSpec
+    from meld_dali.data.decode import read_clip, to_clip
     from meld_dali.data.torch_loader import TorchLoader
     from meld_dali.evaluation import predict_loader
-    from meld_dali.inference import multi_view_probs
     from meld_dali.manifest import Manifest
+    from meld_dali.sampling import sample_indices
+    from meld_dali.transforms import AugParams
 
     loaded = load_for_inference(run / "checkpoints" / "best.pt", "cpu")
     m, cfg = Manifest.load(synth_root), loaded.cfg
-    spec = LoaderSpec(m, "dev", False, 4, cfg.train.seed, source="video")
-    _, single, rows = predict_loader(loaded.model, TorchLoader(spec, cfg.data, cfg.loader),
-                                     loaded.runtime)
-    multi = multi_view_probs(loaded, m, rows.tolist(), "video", 1, 1)
-    assert single.shape == multi.shape and len(rows) > 0
-    np.testing.assert_allclose(multi, single, atol=1e-5)
+    spec = LoaderSpec(m, "dev", False, 4, cfg.train.seed, source="video", views=(2, 3))
+    _, multi, rows = predict_loader(loaded.model, TorchLoader(spec, cfg.data, cfg.loader),
+                                    loaded.runtime)
+    assert rows.tolist() == m.ok("dev")
+    for row, probs in list(zip(rows.tolist(), multi, strict=True))[:6]:
+        clip, views = m.clips[row], []
+        for t in (0.25, 0.75):
+            idx, mask = sample_indices(clip.num_frames, cfg.data.num_frames, train=False,
+                                       position=t)
+            raw = read_clip(m, clip, idx[mask], "video")
+            views += [to_clip(raw, cfg.data, AugParams(crop_x=p)) for p in (0.0, 0.5, 1.0)]
+        video, mask = (torch.stack(v) for v in zip(*views, strict=True))
+        with torch.no_grad():
+            want = loaded.model(video, mask).float().softmax(-1).mean(0)
+        np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])

@@ -57,7 +57,7 @@ def test_augmentation_is_one_draw_per_clip():
     assert torch.allclose(flipped, plain.flip(-1), atol=1e-6)
     assert not torch.allclose(flipped, plain, atol=1e-3)
     # applying the clip transform frame by frame gives the same as the whole clip
-    p = draw_params(cfg, seed=1, epoch=2, clip=3)
+    p = draw_params(cfg, seed=1, epoch=2, row=3)
     whole = apply_clip(frames, cfg, p)
     single = torch.cat([apply_clip(frames[i:i + 1], cfg, p) for i in range(6)], dim=1)
     assert torch.allclose(whole, single, atol=1e-5)
@@ -65,7 +65,7 @@ def test_augmentation_is_one_draw_per_clip():
 
 def test_augmentation_statistics():
     cfg = load_config("seed").data
-    ps = [draw_params(cfg, seed=0, epoch=e, clip=c) for e in range(10) for c in range(200)]
+    ps = [draw_params(cfg, seed=0, epoch=e, row=c) for e in range(10) for c in range(200)]
     flips = np.mean([p.flip for p in ps])
     assert 0.45 < flips < 0.55
     assert all(-10 <= p.angle <= 10 and 0.8 <= p.brightness <= 1.2 and 0.8 <= p.contrast <= 1.2

@@ -1,5 +1,7 @@
 """The data layer, one job per module (imports run down this list, never back):
 
+- `plan`: a clip's plan (frame indices, mask, augmentation draw, test view), made by one
+  function for every backend, evaluation and multi-view testing.
 - `decode`: frames of one clip from its video, frame folder or cached file; `to_clip`.
 - `base`: the `Batch` contract, the clip order and the loader position (`ClipLoader`),
   and `SyntheticLoader` (batches with no decoding, to time the model alone).

@@ -1,7 +1,7 @@
 """What every loader shares: the `Batch` contract, the clip order and one position in it.
 
 Every backend yields `Batch` on the training device, so the trainer never branches on which
-backend produced it. A loader's whole resumable state is its `Position` (epoch, clips taken
+backend produced it. A loader's whole resumable state is its `Position` (epoch, plans taken
 from this rank's order), kept in one object: the order itself is a pure function of
 (seed, epoch, rank, world).
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from meld_dali.data.plan import View, multi_views
 from meld_dali.errors import UserError
 from meld_dali.manifest import Manifest
 
@@ -41,6 +42,12 @@ class Batch:
                      self.label.to(device, non_blocking=nb), self.index.to(device, non_blocking=nb))
 
 
+def zero_padding(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`video` [B, C, T, H, W] with the frames `mask` [B, T] marks padded set to exactly 0,
+    whatever they held (torch.where keeps channels_last_3d and clears NaN too)."""
+    return torch.where(mask[:, None, :, None, None], video, 0.0)
+
+
 @dataclass
 class ClipFailure:
     index: int
@@ -62,6 +69,7 @@ class LoaderSpec:
     rank: int = 0
     world: int = 1
     source: str = "video"  # resolved data.source: video | frames | cache
+    views: tuple[int, int] = (1, 1)  # (temporal, spatial) test views per clip: eval only
 
 
 @dataclass
@@ -94,10 +102,11 @@ class ClipOrder:
 
 @dataclass
 class Position:
-    """Where a loader stands: the epoch, how many clips of its order it has taken
-    (delivered or skipped as failures) and how many batches it has delivered in the epoch.
-    All a resume needs: the trainer's place in the epoch is `delivered` (skipped clips never
-    shift its accumulation groups), the order's is `consumed`."""
+    """Where a loader stands: the epoch, how many plans of its order it has taken
+    (delivered or skipped as failures; one plan per clip, except in multi-view testing) and
+    how many batches it has delivered in the epoch. All a resume needs: the trainer's place
+    in the epoch is `delivered` (skipped clips never shift its accumulation groups), the
+    order's is `consumed`."""
     epoch: int = 0
     consumed: int = 0
     delivered: int = 0
@@ -107,10 +116,11 @@ class ClipLoader:
     """The base of every loader: the position, the failure report, epochs.
 
     A subclass gives `rows(epoch)` (its order) and `_batches()`, which yields the Batches
-    of the rest of the current epoch and advances `position.consumed` by every clip it takes
+    of the rest of the current epoch and advances `position.consumed` by every plan it takes
     from the order; a completed pass moves the position to the next epoch's start."""
 
     backend = "?"
+    views_per_clip = 1  # plans per clip: several only in multi-view testing
 
     def __init__(self, batch_size: int, seed: int = 0):
         self.batch_size, self.seed = batch_size, seed
@@ -127,12 +137,12 @@ class ClipLoader:
     def num_clips(self) -> int:
         return len(self.rows(self.position.epoch))
 
-    def __len__(self) -> int:
-        return -(-self.num_clips // self.batch_size)
+    @property
+    def num_plans(self) -> int:
+        return self.num_clips * self.views_per_clip
 
-    def remaining(self) -> list[int]:
-        """The rows of the current epoch not yet taken."""
-        return self.rows(self.position.epoch)[self.position.consumed:]
+    def __len__(self) -> int:
+        return -(-self.num_plans // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.position.epoch:
@@ -162,21 +172,37 @@ class ClipLoader:
 
 
 class ManifestLoader(ClipLoader):
-    """A loader over manifest rows: this rank's `ClipOrder` of one split."""
+    """A loader over manifest rows: this rank's `ClipOrder` of one split, each clip taken as
+    one plan per view (`spec.views`; one view except in multi-view testing)."""
 
     def __init__(self, spec: LoaderSpec):
+        if spec.train and spec.views != (1, 1):
+            raise ValueError(f"views={spec.views}: multi-view testing is for evaluation, a "
+                             "training loader takes one view per clip")
         super().__init__(spec.batch_size, spec.seed)
         self.spec = spec
+        self.views = multi_views(*spec.views)
+        self.views_per_clip = len(self.views)
         self.order = ClipOrder(spec.manifest.ok(spec.split), train=spec.train, seed=spec.seed,
                                batch_size=spec.batch_size, rank=spec.rank, world=spec.world)
 
     def rows(self, epoch: int) -> list[int]:
         return self.order.order(epoch)
 
+    def remaining(self) -> list[tuple[int, View]]:
+        """(row, view) of the current epoch's plans not yet taken, a clip's views together."""
+        rows = self.rows(self.position.epoch)
+        return [(r, v) for r in rows for v in self.views][self.position.consumed:]
+
     def deliver(self, batch: Batch) -> Batch:
-        """A CPU-side batch -> the training device, dtype and memory format."""
+        """A batch of any backend -> the training device, dtype and memory format, with its
+        padded frames exactly 0. The one place the Batch contract's zero padding is made:
+        every backend's batch passes here (a DALI graph normalizes its blank padded frames
+        to -mean/std; the CPU path's clips come padded), after the copy, so on a GPU it runs
+        where the DALI batch already is and costs no host pass over the pixels."""
         s = self.spec
-        return batch.to(s.device, s.dtype, s.channels_last)
+        b = batch.to(s.device, s.dtype, s.channels_last)
+        return Batch(zero_padding(b.video, b.mask), b.mask, b.label, b.index)
 
 
 class SyntheticLoader(ClipLoader):

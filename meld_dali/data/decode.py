@@ -1,8 +1,8 @@
 """Frames of one clip, decoded: from its video (PyAV), its JPEG frame folder (PIL) or its
 cached re-encoding, and `to_clip`, the CPU form of the augmentation + pad + mask step.
 
-What `predict`, multi-view testing, the CPU loader and the DALI loader's CPU recovery share;
-no loader lives here.
+What `predict`, the CPU loader and the DALI loader's CPU recovery share; no loader lives
+here.
 """
 
 from __future__ import annotations
@@ -131,14 +131,14 @@ def read_clip(manifest: Manifest, clip: Clip, indices: np.ndarray, source: str) 
     return read(where(manifest, clip), indices)
 
 
-def to_clip(frames: np.ndarray, cfg: DataConfig,
+def to_clip(frames: np.ndarray, data: DataConfig,
             params: AugParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded uint8 [k, H, W, 3] frames -> (video [3, T, S, S] transformed and normalized,
-    exactly 0 in the T - k padded slots; mask bool [T], True for the k real frames)."""
-    x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), cfg, params)
+    the T - k padded slots added as zeros; mask bool [T], True for the k real frames)."""
+    x = apply_clip(torch.from_numpy(frames).permute(0, 3, 1, 2), data, params)
     k = x.shape[1]
-    pad = cfg.num_frames - k
+    pad = data.num_frames - k
     video = torch.cat([x, x.new_zeros(3, pad, *x.shape[2:])], dim=1) if pad else x
-    mask = torch.zeros(cfg.num_frames, dtype=torch.bool)
+    mask = torch.zeros(data.num_frames, dtype=torch.bool)
     mask[:k] = True
     return video, mask

@@ -85,11 +85,11 @@ def resolve_backend(requested: str, manifest: Manifest, split: str, source: str)
     return requested
 
 
-def build_loader(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig,
+def build_loader(spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig,
                  backend: str) -> ClipLoader:
     """The one place that knows the backends. `backend` must be resolved already."""
     if backend == "torch":
-        return TorchLoader(spec, data, cfg)
+        return TorchLoader(spec, data, loader_cfg)
     from meld_dali.pipelines.loader import DaliLoader  # lazy: DALI is optional
 
-    return DaliLoader(spec, data, cfg, device=backend.split("-")[1])
+    return DaliLoader(spec, data, loader_cfg, device=backend.split("-")[1])

@@ -3,7 +3,6 @@ workers. Runs everywhere; the reference the DALI backends are tested against."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -12,38 +11,42 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path, read_clip, to_clip
+from meld_dali.data.plan import CENTRE, ClipPlan, View, make_plan
 from meld_dali.manifest import Manifest
-from meld_dali.sampling import clip_indices
 from meld_dali.signals import kill_workers_at_exit, worker_init
-from meld_dali.transforms import EVAL_PARAMS, draw_params
 
 
 class ClipDataset(Dataset):
-    """Items are (epoch, row): the epoch travels with the request, so persistent workers
-    need no shared state and every (seed, epoch, clip) sees the same draw."""
+    """Items are (epoch, row) or (epoch, row, view): the epoch travels with the request, so
+    persistent workers need no shared state and every (seed, epoch, row) gets the same
+    plan, made where the clip is loaded."""
 
-    def __init__(self, manifest: Manifest, cfg: DataConfig, *, train: bool, seed: int,
+    def __init__(self, manifest: Manifest, data: DataConfig, *, train: bool, seed: int,
                  source: str):
-        self.m, self.cfg, self.train, self.seed, self.source = (
-            manifest, cfg, train, seed, source)
+        self.m, self.data, self.train, self.seed, self.source = (
+            manifest, data, train, seed, source)
 
     def __len__(self) -> int:
         return len(self.m.clips)
 
-    def __getitem__(self, item: tuple[int, int]):
-        epoch, row = item
-        clip = self.m.clips[row]
-        idx, mask = clip_indices(clip.num_frames, self.cfg.num_frames, train=self.train,
-                                 seed=self.seed, epoch=epoch, clip=row)
+    def plan(self, epoch: int, row: int, view: View = CENTRE) -> ClipPlan:
+        """The plan of `row` in `epoch`, for this dataset and for the DALI loader over it."""
+        return make_plan(self.m.clips[row], self.data, train=self.train, seed=self.seed,
+                         epoch=epoch, row=row, view=view)
+
+    def __getitem__(self, item: tuple[int, int] | tuple[int, int, View]):
+        return self.load(self.plan(*item))
+
+    def load(self, plan: ClipPlan):
+        """(video, mask, label, row) of a plan, or the ClipFailure that stopped it."""
+        clip = self.m.clips[plan.row]
         try:
-            frames = read_clip(self.m, clip, idx[mask], self.source)
+            frames = read_clip(self.m, clip, plan.indices[plan.mask], self.source)
         except Exception as e:  # noqa: BLE001 - a bad clip is skipped and reported
             path = clip_source_path(self.m, clip, self.source)
-            return ClipFailure(row, str(path), f"{type(e).__name__}: {e}")
-        params = (draw_params(self.cfg, seed=self.seed, epoch=epoch, clip=row)
-                  if self.train else EVAL_PARAMS)
-        video, mask = to_clip(frames, self.cfg, params)
-        return video, mask, clip.label, row
+            return ClipFailure(plan.row, str(path), f"{type(e).__name__}: {e}")
+        video, mask = to_clip(frames, self.data, plan.params)
+        return video, mask, clip.label, plan.row
 
 
 def collate(items) -> tuple[Batch | None, list[ClipFailure]]:
@@ -67,21 +70,21 @@ def _stack(tensors) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
-class _Remaining(Sampler):
-    """(epoch, row) for the rows the loader has not taken yet, fixed when iteration starts
-    (the DataLoader asks for it once per pass, before any batch is consumed)."""
+class _PassItems(Sampler):
+    """The (epoch, row, view) items of one pass: a plain list the loader sets before each
+    pass (the DataLoader asks for the sampler's iterator once per pass, before any batch is
+    consumed). It holds no reference to the loader: loader -> DataLoader -> sampler ->
+    loader would be a cycle, freed only by the garbage collector, which then waits ~5 s per
+    worker to stop it."""
 
-    def __init__(self, loader: ManifestLoader):
-        # a weak reference: loader -> DataLoader -> sampler -> loader would be a cycle, freed
-        # only by the garbage collector, which then waits ~5 s per worker to stop it
-        self.loader = weakref.proxy(loader)
+    def __init__(self):
+        self.items: list[tuple[int, int, View]] = []
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.loader.position.epoch
-        return iter([(epoch, row) for row in self.loader.remaining()])
+    def __iter__(self) -> Iterator[tuple[int, int, View]]:
+        return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.loader.remaining())
+        return len(self.items)
 
 
 class TorchLoader(ManifestLoader):
@@ -89,18 +92,19 @@ class TorchLoader(ManifestLoader):
 
     backend = "torch"
 
-    def __init__(self, spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig):
+    def __init__(self, spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig):
         super().__init__(spec)
         ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
                          source=spec.source)
-        workers = cfg.num_workers
+        workers = loader_cfg.num_workers
+        self.sampler = _PassItems()
         # its own generator: creating an iterator must not draw from the global torch RNG,
         # or a resumed run would see different dropout masks than an uninterrupted one
-        self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=_Remaining(self),
+        self.dl = DataLoader(ds, batch_size=spec.batch_size, sampler=self.sampler,
                              collate_fn=collate, num_workers=workers,
                              pin_memory=spec.device.type == "cuda",
                              persistent_workers=workers > 0,
-                             prefetch_factor=cfg.prefetch if workers > 0 else None,
+                             prefetch_factor=loader_cfg.prefetch if workers > 0 else None,
                              # a group SIGTERM/SIGINT must not kill the workers mid-step: the
                              # main process finishes the step, saves, then shuts them down
                              worker_init_fn=worker_init,
@@ -109,6 +113,8 @@ class TorchLoader(ManifestLoader):
             kill_workers_at_exit()
 
     def _batches(self) -> Iterator[Batch]:
+        epoch = self.position.epoch
+        self.sampler.items = [(epoch, row, view) for row, view in self.remaining()]
         for batch, failures in self.dl:
             self.position.consumed += len(failures) + (len(batch) if batch is not None else 0)
             for f in failures:
