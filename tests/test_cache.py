@@ -140,6 +140,7 @@ def _mtimes(cache: Path) -> dict[str, int]:
     return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.glob("*/*/*.mp4")}
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_path):
     root = tmp_path / "r"
     shutil.copytree(tiny_root, root)

@@ -72,6 +72,7 @@ def cli(*args, cwd=None):
                           text=True, cwd=cwd, timeout=120)
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_cli_surface_and_exit_codes(tmp_path):
     r = cli("--help")
     assert r.returncode == 0

@@ -95,6 +95,7 @@ def test_seed_makes_its_frame_folders_once(cached, tmp_path):
     assert {r: f.stat().st_mtime_ns for r, f in again.items()} == stamp  # reused
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_bench_loader_puts_peers_beside_ours(cached, cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     peers = parse_peers("all")

@@ -97,6 +97,7 @@ def test_cache_pointed_at_videos_deletes_nothing(raw_root, tmp_path):
     assert tree_digest(root) == before and tree_digest(videos) == mine
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_two_prepares_into_one_cache_keep_each_others_files(raw_root, tmp_path):
     """Another manifest's prepare with other settings never removes the first's files; if a
     cache no longer matches its manifest, opening the manifest says how to rebuild it."""
@@ -130,6 +131,7 @@ def hold_lock(folder: Path, what: str):
         holder.wait()
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_a_second_prepare_on_a_locked_cache_or_manifest_is_refused(raw_root, tmp_path):
     cache = tmp_path / "cache"
     prepare(raw_root, tmp_path / "a", short_side=32, workers=1, cache=cache)
@@ -350,6 +352,7 @@ def read_only(cmd: list[str], root: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # real processes end to end: seconds each
 def test_read_only_root_is_told_before_any_work(raw_root, tmp_path):
     root = tmp_path / "ro"
     shutil.copytree(raw_root, root)
