@@ -4,7 +4,7 @@
   eval takes each segment's middle. Indices come out sorted, so decoding streams forward.
 - 0 < n < T: frames 0..n-1, then T-n padded slots (index -1, mask False).
 - n == 0: not loadable (manifest status `empty`); asking for it is a bug.
-The random source is seeded from (seed, epoch, clip), so a resumed run and every backend
+The random source is seeded from (seed, epoch, manifest row), so a resumed run and every backend
 choose the same indices for the same clip in the same epoch.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 PAD = -1
 
 
-def clip_rng(seed: int, epoch: int, clip: int, stream: int = 0) -> np.random.Generator:
-    """Independent random stream per (seed, epoch, clip); `stream` separates uses
-    (0 = frame indices, 1 = augmentation parameters)."""
-    return np.random.default_rng([seed, epoch, clip, stream])
+def clip_rng(seed: int, epoch: int, row: int, stream: int = 0) -> np.random.Generator:
+    """Independent random stream per (seed, epoch, clip's manifest row); `stream` separates
+    uses (0 = frame indices, 1 = augmentation parameters)."""
+    return np.random.default_rng([seed, epoch, row, stream])
 
 
 def sample_indices(n: int, num_frames: int, *, train: bool,
@@ -41,7 +41,7 @@ def sample_indices(n: int, num_frames: int, *, train: bool,
     start, end = bounds[:-1], bounds[1:]
     if train:
         if rng is None:
-            raise ValueError("train sampling needs an rng (use clip_rng(seed, epoch, clip))")
+            raise ValueError("train sampling needs an rng (use clip_rng(seed, epoch, row))")
         idx = start + (rng.random(T) * (end - start)).astype(np.int64)
     elif position == 0.5:
         idx = start + (end - start) // 2
@@ -51,8 +51,8 @@ def sample_indices(n: int, num_frames: int, *, train: bool,
 
 
 def clip_indices(n: int, num_frames: int, *, train: bool, seed: int, epoch: int,
-                 clip: int, position: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                 row: int, position: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """The spec as a clip's plan (`data.plan.make_plan`) calls it: train seeded from
-    (seed, epoch, clip), eval at `position` of each segment."""
-    rng = clip_rng(seed, epoch, clip, 0) if train else None
+    (seed, epoch, row), eval at `position` of each segment."""
+    rng = clip_rng(seed, epoch, row, 0) if train else None
     return sample_indices(n, num_frames, train=train, rng=rng, position=position)

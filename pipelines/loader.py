@@ -64,13 +64,14 @@ def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
 
 
 class DaliLoader(ManifestLoader):
-    """Yields Batch from DALI pipelines (device 'gpu' = NVDEC/nvJPEG + GPU augmentation,
-    'cpu' = DALI's CPU operators). Same interface and position as the CPU loader."""
+    """Yields Batch from DALI pipelines (`dali_device` 'gpu' = NVDEC/nvJPEG + GPU
+    augmentation, 'cpu' = DALI's CPU operators; the batches go to `spec.device` either way).
+    Same interface and position as the CPU loader."""
 
     def __init__(self, spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig,
                  device: str):
         super().__init__(spec)
-        self.data, self.loader_cfg, self.device = data, loader_cfg, device
+        self.data, self.loader_cfg, self.dali_device = data, loader_cfg, device
         self.backend = f"dali-{device}"
         self.kind = "frames" if spec.source == "frames" else "video"
         self.dali_dtype = DALI_DTYPES[spec.dtype]
@@ -100,9 +101,9 @@ class DaliLoader(ManifestLoader):
         resize = not self._at_short_side()
         pipes = [clip_pipeline(
             source=src, data=self.data, is_training=self.spec.train, kind=self.kind,
-            device=self.device, dtype=self.dali_dtype, batch_size=B * per_clip,
+            device=self.dali_device, dtype=self.dali_dtype, batch_size=B * per_clip,
             num_threads=max(1, self.loader_cfg.num_workers // self.n_pipes),
-            device_id=(dev.index or 0) if self.device == "gpu" else None,
+            device_id=(dev.index or 0) if self.dali_device == "gpu" else None,
             prefetch_queue_depth=max(1, self.loader_cfg.prefetch), seed=self.spec.seed,
             resize=resize) for src in self.sources]
         with warnings.catch_warnings():

@@ -91,7 +91,7 @@ def test_cache_matches_source_resized_and_has_no_b_frames(tmp_path):
     keys = [*lay["keys"], n]
     assert keys[0] == 0 and max(np.diff(keys)) <= 16
     assert lay["pts"] == sorted(lay["pts"]) and len(set(np.diff(lay["pts"]))) == 1
-    idx, mask = clip_indices(n, 32, train=False, seed=0, epoch=0, clip=0)
+    idx, mask = clip_indices(n, 32, train=False, seed=0, epoch=0, row=0)
     want = resized(read_video_frames(src, idx[mask]), 456, 256).astype(np.float32)
     got = read_video_frames(dest, idx[mask]).astype(np.float32)
     assert got.shape == want.shape
@@ -227,7 +227,7 @@ def test_mjpeg_cache_decodes_with_dali_cpu(tmp_path):
     assert encode_clip(src, dest, spec, 36) == 36
     info = probe(str(dest))
     assert (info["codec"], info["num_frames"], info["height"]) == ("mjpeg", 36, 32)
-    idx, _ = clip_indices(36, 32, train=False, seed=0, epoch=0, clip=0)
+    idx, _ = clip_indices(36, 32, train=False, seed=0, epoch=0, row=0)
     data = np.fromfile(dest, dtype=np.uint8)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)

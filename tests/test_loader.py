@@ -127,7 +127,7 @@ def test_corrupt_clip_mid_epoch_is_skipped_and_reported(synth_root, tmp_path, ca
 def test_decoder_returns_the_requested_frames(synth_root):
     m = Manifest.load(synth_root)
     c = next(c for c in m.clips if c.status == "ok" and c.num_frames >= 40)
-    idx, _ = clip_indices(c.num_frames, 8, train=True, seed=0, epoch=0, clip=0)
+    idx, _ = clip_indices(c.num_frames, 8, train=True, seed=0, epoch=0, row=0)
     some = read_video_frames(m.video_path(c), idx)
     every = read_video_frames(m.video_path(c), np.arange(c.num_frames))
     assert np.array_equal(some, every[idx])
@@ -150,7 +150,7 @@ def test_seeking_returns_the_same_frames_as_streaming(tmp_path):
                 out.mux(p)
         for p in s.encode():
             out.mux(p)
-    idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, clip=0)
+    idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, row=0)
     streamed = read_video_frames(path, idx, seek_gap=10**9)
     sought = read_video_frames(path, idx, seek_gap=5)
     assert np.array_equal(streamed, sought)
@@ -181,6 +181,6 @@ def test_intra_only_clips_decode_just_the_wanted_frames(tmp_path):
     assert len(every) == n
     idx = np.array([0, 3, 3, 17, 39])
     assert np.array_equal(read_video_frames(path, idx), every[idx])
-    idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, clip=0)
+    idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, row=0)
     assert np.array_equal(read_video_frames(path, idx), every[idx])
     assert len(read_video_frames(path, np.array([38, 39, 45]))) == 2  # beyond the end: fewer

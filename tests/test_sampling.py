@@ -8,9 +8,9 @@ from meld_dali.sampling import PAD, clip_indices, sample_indices
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 5000), T=st.integers(1, 64), train=st.booleans(),
-       seed=st.integers(0, 2**31), epoch=st.integers(0, 100), clip=st.integers(0, 20000))
-def test_sampling_properties(n, T, train, seed, epoch, clip):
-    idx, mask = clip_indices(n, T, train=train, seed=seed, epoch=epoch, clip=clip)
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 100), row=st.integers(0, 20000))
+def test_sampling_properties(n, T, train, seed, epoch, row):
+    idx, mask = clip_indices(n, T, train=train, seed=seed, epoch=epoch, row=row)
     assert idx.shape == (T,) and mask.shape == (T,) and mask.dtype == bool
     real = idx[mask]
     assert len(real) == min(n, T)
@@ -22,7 +22,7 @@ def test_sampling_properties(n, T, train, seed, epoch, clip):
     else:
         assert list(real) == list(range(n))  # every frame, in order
         assert np.all(idx[~mask] == PAD) and not mask[n:].any()
-    again, _ = clip_indices(n, T, train=train, seed=seed, epoch=epoch, clip=clip)
+    again, _ = clip_indices(n, T, train=train, seed=seed, epoch=epoch, row=row)
     assert np.array_equal(idx, again)  # deterministic per (seed, epoch, clip)
 
 
@@ -32,12 +32,12 @@ def test_eval_takes_segment_middles():
 
 
 def test_train_draws_differ_across_epochs_and_clips_and_cover_segments():
-    a = clip_indices(320, 32, train=True, seed=0, epoch=0, clip=5)[0]
-    b = clip_indices(320, 32, train=True, seed=0, epoch=1, clip=5)[0]
-    c = clip_indices(320, 32, train=True, seed=0, epoch=0, clip=6)[0]
+    a = clip_indices(320, 32, train=True, seed=0, epoch=0, row=5)[0]
+    b = clip_indices(320, 32, train=True, seed=0, epoch=1, row=5)[0]
+    c = clip_indices(320, 32, train=True, seed=0, epoch=0, row=6)[0]
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
     # over many epochs every position of a segment is drawn
-    seen = {int(clip_indices(320, 32, train=True, seed=0, epoch=e, clip=5)[0][0])
+    seen = {int(clip_indices(320, 32, train=True, seed=0, epoch=e, row=5)[0][0])
             for e in range(200)}
     assert seen == set(range(10))
 

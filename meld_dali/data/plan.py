@@ -55,7 +55,7 @@ def make_plan(clip: Clip, data: DataConfig, *, train: bool, seed: int, epoch: in
     if train and view != CENTRE:
         raise ValueError("a training clip has one view: multi-view testing is eval only")
     idx, mask = clip_indices(clip.num_frames, data.num_frames, train=train, seed=seed,
-                             epoch=epoch, clip=row, position=view.temporal)
+                             epoch=epoch, row=row, position=view.temporal)
     params = (draw_params(data, seed=seed, epoch=epoch, row=row) if train
               else view_crop(clip, view))
     return ClipPlan(row, idx, mask, params, view)
