@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from meld_dali.checkpoint import load_checkpoint
+from meld_dali.clips import Clip
 from meld_dali.config import EMOTIONS, Config, config_from_saved
 from meld_dali.data.base import Batch, LoaderSpec
 from meld_dali.data.decode import read_video_frames, to_clip, upright
+from meld_dali.data.plan import make_plan
 from meld_dali.data.select import build_loader, resolve_backend, resolve_source
 from meld_dali.errors import UserError
 from meld_dali.evaluation import predict_loader
@@ -22,8 +24,6 @@ from meld_dali.model import SlowFastMELD
 from meld_dali.probe import probe
 from meld_dali.progress import PassProgress
 from meld_dali.runtime import Runtime, pick_device
-from meld_dali.sampling import sample_indices
-from meld_dali.transforms import EVAL_PARAMS
 
 
 @dataclass
@@ -136,11 +136,15 @@ def predict_file(loaded: Loaded, path: str | Path) -> dict:
         if info["status"] != "ok":
             raise ValueError(f"{info['status']}: {info['reason']}")
         n = info["num_frames"]
-        idx, mask = sample_indices(n, cfg.num_frames, train=False)
-        raw = upright(read_video_frames(path, idx[mask]), info.get("rotation", 0))
+        # a file outside any manifest: an unlabelled Clip, planned like any eval clip
+        clip = Clip(Path(path).name, "predict", "", -1, num_frames=n,
+                    width=info.get("width"), height=info.get("height"))
+        plan = make_plan(clip, cfg, train=False, seed=0, epoch=0, row=-1)
+        raw = upright(read_video_frames(path, plan.indices[plan.mask]),
+                      info.get("rotation", 0))
     except Exception as e:  # noqa: BLE001 - one bad file never stops the others
         return {"path": str(path), "error": f"cannot read video: {type(e).__name__}: {e}"}
-    video, mask_t = to_clip(raw, cfg, EVAL_PARAMS)
+    video, mask_t = to_clip(raw, cfg, plan.params)
     probs = _probs(loaded, video[None], mask_t[None])[0]
     return {"path": str(path), "emotion": EMOTIONS[int(probs.argmax())],
             "probabilities": {e: float(p) for e, p in zip(EMOTIONS, probs, strict=True)},

@@ -80,6 +80,25 @@ def test_multi_view_probabilities_are_the_per_clip_definition(run, synth_root):
         np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
 
 
+def test_predict_of_a_dataset_file_equals_its_evaluation(run, synth_root):
+    """predict plans a loose file as evaluation plans a manifest clip (one make_plan): the
+    same file gets the same probabilities both ways."""
+    from meld_dali.data.base import LoaderSpec
+    from meld_dali.data.torch_loader import TorchLoader
+    from meld_dali.evaluation import predict_loader
+    from meld_dali.manifest import Manifest
+
+    loaded = load_for_inference(run / "checkpoints" / "best.pt", "cpu")
+    m, cfg = Manifest.load(synth_root), loaded.cfg
+    spec = LoaderSpec(m, "dev", False, 4, cfg.train.seed, source="video")
+    _, probs, rows = predict_loader(loaded.model, TorchLoader(spec, cfg.data, cfg.loader),
+                                    loaded.runtime)
+    for row, want in list(zip(rows.tolist(), probs, strict=True))[:4]:
+        got = predict_file(loaded, m.video_path(m.clips[row]))
+        assert got["frames"] == m.clips[row].num_frames
+        np.testing.assert_allclose(list(got["probabilities"].values()), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("codec", ["h264", "vp9", "mjpeg"])
 def test_predict_any_codec_size_and_length(run, tmp_path, codec):
     rng = np.random.default_rng(0)
