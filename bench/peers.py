@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data.base import Batch, ClipLoader, LoaderSpec
+from meld_dali.data.base import Batch, ClipLoader, LoaderSpec, zero_padding
 from meld_dali.data.decode import clip_source_path
 from meld_dali.manifest import Manifest
 from meld_dali.prepare import extract_frames
@@ -120,6 +120,7 @@ class PeerLoader(ClipLoader):
             if isinstance(b, dict):  # pytorchvideo's samples are dicts
                 b = (b["video"], b["mask"], b["label"], b["index"])
             batch = Batch(*b).to(s.device, s.dtype, s.channels_last)
+            batch.video = zero_padding(batch.video, batch.mask)  # the Batch contract
             self.position.consumed += len(batch)
             yield batch
 

@@ -228,18 +228,26 @@ def _prepare(root: Path, out_dir: Path, frames, short_side: int, workers: int, p
     partial = out_dir / PARTIAL_NAME
     done: dict[str, dict] = {}
     if partial.exists():
-        lines = partial.read_text().splitlines()
+        text = partial.read_text()
+        lines = text.splitlines()
         try:
             same = bool(lines) and json.loads(lines[0]).get("fingerprint") == fp
         except json.JSONDecodeError:
             same = False
         if same:
+            good = lines[:1]
             for line in lines[1:]:
                 try:
                     rec = json.loads(line)
                     done[rec["key"]] = rec
                 except (json.JSONDecodeError, KeyError):
-                    break  # a torn last line from a kill: re-probe from there
+                    break  # a torn last line (a crash mid-write): re-probe from there
+                good.append(line)
+            if len(good) < len(lines) or not text.endswith("\n"):
+                # cut the torn tail off before appending: a record written after it would
+                # join it on one unreadable line and be lost to every later resume
+                with atomic_write(partial) as f:
+                    f.write("".join(line + "\n" for line in good))
         else:
             partial.unlink()
     if not partial.exists():

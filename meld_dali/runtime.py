@@ -64,10 +64,12 @@ class Runtime:
         device = device if device is not None else pick_device(t.device)
         cuda = device.type == "cuda"
         amp = AMP_DTYPES.get(t.amp) if cuda else None  # AMP is off on CPU regardless
-        if cfg.loader.dtype != "auto":
+        if amp is None:  # no autocast: the model computes in fp32, so its input must be too
+            video = torch.float32  # (a GPU run's loader.dtype=float16 evaluated on a CPU)
+        elif cfg.loader.dtype != "auto":
             video = getattr(torch, cfg.loader.dtype)
         else:  # the dtype autocast computes in: half the bytes from loader to model
-            video = amp or torch.float32
+            video = amp
         return cls(device, amp, video, flag(cfg.loader.channels_last, device),
                    compile_enabled(t, device), t.compile_backend,
                    flag(t.cudnn_benchmark, device) and cuda)

@@ -234,12 +234,15 @@ class Trainer:
 
     def states(self) -> dict[str, ckpt_io.Stateful]:
         """Every part with state, in the order a resume restores them: the train counters
-        first (the schedule and the loader's check read them), the RNG states last."""
+        first (the schedule reads the step), the reporter last (it rewrites metrics.jsonl:
+        every check that can refuse the resume, the world size of `ranks` included, comes
+        before a file is touched)."""
         return {"train": self, "model": self.model, "optimizer": self.optimizer,
                 "scheduler": ckpt_io.Part(self.scheduler.state_dict, self.load_schedule),
                 "scaler": ckpt_io.Part(self.scaler.state_dict, self.load_scaler),
-                "early_stop": self.early, "reporter": self.reporter,
-                "ranks": ckpt_io.RankStates(self.train_loader, self.dist, self.reporter.say)}
+                "early_stop": self.early,
+                "ranks": ckpt_io.RankStates(self.train_loader, self.dist, self.reporter.say),
+                "reporter": self.reporter}
 
     def checkpoint(self) -> dict:
         """The whole checkpoint tree (a collective under DDP: every rank calls it)."""

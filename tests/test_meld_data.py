@@ -105,6 +105,24 @@ class StopAfter:
             raise Interrupt
 
 
+def test_a_torn_partial_line_costs_only_itself(tmp_path):
+    """A crash mid-write leaves a torn last line in the partial manifest: the resume drops
+    it and appends after the last whole record, so a second interruption still keeps every
+    record written since."""
+    synth(tmp_path, SynthSpec(clips=30, seed=3))
+    with pytest.raises(Interrupt):
+        prepare(tmp_path, workers=1, progress=StopAfter(12))
+    partial = tmp_path / "manifest.partial.jsonl"
+    with open(partial, "a") as f:
+        f.write('{"key": "train/dia0_u')  # torn: no end, no newline
+    with pytest.raises(Interrupt):
+        prepare(tmp_path, workers=1, progress=StopAfter(5))
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + 12 + 5 and all(json.loads(x) for x in lines)
+    _, report = prepare(tmp_path, workers=1)
+    assert report["resumed_probes"] == 17
+
+
 def test_interrupted_prepare_resumes_and_reuses(tmp_path):
     synth(tmp_path, SynthSpec(clips=30, seed=3))
     with pytest.raises(Interrupt):

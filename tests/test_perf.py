@@ -123,6 +123,10 @@ def test_flags_resolve_on_cpu():
     off = Runtime.resolve(load_config("seed", ["train.compile=false", "train.amp=off",
                                                "loader.channels_last=false"]), cuda)
     assert (off.amp, off.video_dtype, off.channels_last) == (None, torch.float32, False)
+    # a GPU run's half-precision video, evaluated where no autocast runs: fp32 for the model
+    half = load_config("seed", ["train.compile=false", "loader.dtype=float16"])
+    assert Runtime.resolve(half, cuda).video_dtype == torch.float16
+    assert Runtime.resolve(half, cpu).video_dtype == torch.float32
     assert peak_tflops(cpu) is None
     assert parse_stages("all") == ["head", "res5", "res4", "res3"]
     assert STAGE_TRAINABLE["res4"] == {"res4", "res5"} and STAGE_TRAINABLE["head"] == set()

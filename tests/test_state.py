@@ -101,6 +101,24 @@ def test_checkpoint_is_one_entry_per_part_and_nothing_twice(tmp_path):
         assert torch.equal(again["model"][k], v), k
 
 
+def test_a_refused_resume_changes_no_file(tmp_path):
+    """A checkpoint of 2 processes stopped mid-epoch, resumed on 1: refused in one line, and
+    metrics.jsonl (which a resume rewrites from the checkpoint's history) is untouched."""
+    from meld_dali.reporting import METRICS_NAME, EpochReporter
+
+    tr = tiny_trainer(2)
+    tr.train(until_epoch=1)
+    ckpt = tr.checkpoint()
+    ckpt["ranks"] = [{**ckpt["ranks"][0], "loader": {**ckpt["ranks"][0]["loader"],
+                                                     "consumed": 2, "delivered": 1}}] * 2
+    log = tmp_path / METRICS_NAME
+    log.write_text('{"epoch": 0}\n{"epoch": 1}\n')  # one row more than the checkpoint
+    other = tiny_trainer(2, reporter=EpochReporter(tmp_path))
+    with pytest.raises(UserError, match="written by 2 processes, this run has 1"):
+        other.restore(ckpt)
+    assert log.read_text() == '{"epoch": 0}\n{"epoch": 1}\n'
+
+
 def test_a_checkpoint_of_the_flat_format_is_refused_in_one_line(tmp_path):
     flat = tiny_trainer(1).checkpoint()
     flat["version"] = 1
