@@ -57,20 +57,20 @@ BY_HAND = "no pad + mask: spec indices, padding and mask written by hand"
 
 # ----------------------------------------------------------------------------- shared steps
 
-def augmentation(cfg: DataConfig, resize_crop: bool = True) -> v2.Compose:
+def augmentation(data: DataConfig, resize_crop: bool = True) -> v2.Compose:
     """The train augmentation in torchvision.transforms.v2. One call draws once, so a clip
     stacked as [t, 3, H, W] gets the same crop, flip, angle and colour on every frame; uint8
     or float in [0, 1] in, normalized float32 out. Resize is a no-op on frames already at the
     short side; the rotation interpolates as ours does (`data.rotate_interp`)."""
-    interp = (v2.InterpolationMode.NEAREST if cfg.rotate_interp == "nearest"
+    interp = (v2.InterpolationMode.NEAREST if data.rotate_interp == "nearest"
               else v2.InterpolationMode.BILINEAR)
-    first = ([v2.Resize(cfg.short_side, antialias=True), v2.RandomCrop(cfg.crop_size)]
+    first = ([v2.Resize(data.short_side, antialias=True), v2.RandomCrop(data.crop_size)]
              if resize_crop else [])
-    return v2.Compose([*first, v2.RandomHorizontalFlip(cfg.flip_p),
-                       v2.RandomRotation(cfg.rotate_deg, interpolation=interp),
-                       v2.ColorJitter(brightness=tuple(cfg.brightness),
-                                      contrast=tuple(cfg.contrast)),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)])
+    return v2.Compose([*first, v2.RandomHorizontalFlip(data.flip_p),
+                       v2.RandomRotation(data.rotate_deg, interpolation=interp),
+                       v2.ColorJitter(brightness=tuple(data.brightness),
+                                      contrast=tuple(data.contrast)),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
 
 
 def spec_indices(n: int, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,13 +89,13 @@ def padded(x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     return video, torch.arange(T) < k
 
 
-def _dataloader(ds, spec: LoaderSpec, cfg: LoaderConfig, *, workers: int | None = None,
+def _dataloader(ds, spec: LoaderSpec, loader_cfg: LoaderConfig, *, workers: int | None = None,
                 persistent: bool = True, **kw) -> DataLoader:
-    workers = cfg.workers if workers is None else workers
+    workers = loader_cfg.workers if workers is None else workers
     return DataLoader(ds, batch_size=spec.batch_size, num_workers=workers,
                       pin_memory=spec.device.type == "cuda" and workers > 0,
                       persistent_workers=persistent and workers > 0,
-                      prefetch_factor=cfg.prefetch if workers > 0 else None, **kw)
+                      prefetch_factor=loader_cfg.prefetch if workers > 0 else None, **kw)
 
 
 class PeerLoader(ClipLoader):
@@ -134,8 +134,8 @@ def _clips(spec: LoaderSpec):
 class MELDDataset(Dataset):
     """The seed's dataset: one clip = one folder of JPEG frames, read with PIL."""
 
-    def __init__(self, items: list[tuple[Path, int, int]], cfg: DataConfig):
-        self.items, self.T, self.transform = items, cfg.num_frames, augmentation(cfg)
+    def __init__(self, items: list[tuple[Path, int, int]], data: DataConfig):
+        self.items, self.T, self.transform = items, data.num_frames, augmentation(data)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -181,10 +181,10 @@ def _extract(job: tuple[int, str, str, int]) -> tuple[int, tuple[int, str]]:
         return row, (0, f"{type(e).__name__}: {e}")
 
 
-def build_seed(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig) -> PeerLoader:
+def build_seed(spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig) -> PeerLoader:
     folders = seed_folders(spec.manifest, spec.split, data.short_side)
     items = [(folders[row], c.label, row) for row, c in _clips(spec) if row in folders]
-    dl = _dataloader(MELDDataset(items, data), spec, cfg, shuffle=True)
+    dl = _dataloader(MELDDataset(items, data), spec, loader_cfg, shuffle=True)
     return PeerLoader("seed", spec, dl, [r for _, _, r in items], [f for f, _, _ in items])
 
 
@@ -194,8 +194,8 @@ class PytorchvideoTransform:
     """What a pytorchvideo user puts in `transform=`: subsample the decoded clip (the
     spec's indices, standing in for UniformTemporalSubsample), x / 255, augment, pad."""
 
-    def __init__(self, cfg: DataConfig):
-        self.T, self.transform = cfg.num_frames, augmentation(cfg)
+    def __init__(self, data: DataConfig):
+        self.T, self.transform = data.num_frames, augmentation(data)
 
     def __call__(self, sample: dict) -> dict:
         video = sample["video"]  # float32 [C, n, H, W] in [0, 255], every decoded frame
@@ -206,7 +206,7 @@ class PytorchvideoTransform:
                 "index": sample["index"]}
 
 
-def build_pytorchvideo(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig) -> PeerLoader:
+def build_pytorchvideo(spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig) -> PeerLoader:
     from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
 
     clips = _clips(spec)
@@ -220,9 +220,9 @@ def build_pytorchvideo(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig) ->
                              decoder="pyav")
     # its RandomSampler is reseeded when a worker starts: persistent workers would replay
     # the same order every epoch, so the workers start afresh, as in pytorchvideo's examples
-    dl = _dataloader(ds, spec, cfg, persistent=False)
+    dl = _dataloader(ds, spec, loader_cfg, persistent=False)
     # each worker batches its own share of the videos (MultiProcessSampler)
-    shares = np.array_split(np.arange(len(clips)), max(cfg.workers, 1))
+    shares = np.array_split(np.arange(len(clips)), max(loader_cfg.workers, 1))
     return PeerLoader("pytorchvideo", spec, dl, [r for r, _ in clips], paths,
                       sum(-(-len(s) // spec.batch_size) for s in shares))
 
@@ -235,9 +235,9 @@ class TorchcodecClips(Dataset):
     clip), torchvision does the rest."""
 
     def __init__(self, items: list[tuple[Path, int, int, int, tuple[int, int] | None]],
-                 cfg: DataConfig, device: str):
-        self.items, self.cfg, self.T, self.device = items, cfg, cfg.num_frames, device
-        self.transform = augmentation(cfg, resize_crop=device != "cpu")
+                 data: DataConfig, device: str):
+        self.items, self.data, self.T, self.device = items, data, data.num_frames, device
+        self.transform = augmentation(data, resize_crop=device != "cpu")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -248,7 +248,7 @@ class TorchcodecClips(Dataset):
         path, n, label, row, size = self.items[i]
         steps = []
         if self.device == "cpu":
-            steps = [*([v2.Resize(size)] if size else []), v2.RandomCrop(self.cfg.crop_size)]
+            steps = [*([v2.Resize(size)] if size else []), v2.RandomCrop(self.data.crop_size)]
         decoder = VideoDecoder(str(path), seek_mode="approximate", device=self.device,
                                transforms=steps or None)
         idx, _ = spec_indices(n, self.T)
@@ -269,13 +269,13 @@ def decoder_size(manifest: Manifest, clip, source: str, short_side: int):
 
 
 def _torchcodec(device: str) -> Callable:
-    def build(spec: LoaderSpec, data: DataConfig, cfg: LoaderConfig) -> PeerLoader:
+    def build(spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig) -> PeerLoader:
         m = spec.manifest
         items = [(clip_source_path(m, c, spec.source), c.num_frames, c.label, row,
                   decoder_size(m, c, spec.source, data.short_side)) for row, c in _clips(spec)]
         ds = TorchcodecClips(items, data, device)
         # decoding on the GPU happens in this process (CUDA does not survive a fork)
-        dl = _dataloader(ds, spec, cfg, shuffle=True,
+        dl = _dataloader(ds, spec, loader_cfg, shuffle=True,
                          **({"workers": 0} if device == "cuda" else {}))
         name = "torchcodec" if device == "cpu" else "torchcodec-cuda"
         return PeerLoader(name, spec, dl, [it[3] for it in items], [it[0] for it in items])
