@@ -245,7 +245,7 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
                 progress.advance(task)
         del loader
         gc.collect()  # its workers end before the next loader's start (see bench.loader)
-    amp = cfg.train.amp if device.type == "cuda" else "off"
+    amp = cfg.train.amp if runtime.amp else "off"  # the runtime decides whether AMP runs
     if dataset is None and manifest is not None:
         dataset = {"kind": "user", "root": str(manifest.base)}
     return {"env": environment(), "dataset": dataset, "input": described,

@@ -101,12 +101,6 @@ class Runtime:
             compile_regional(model, self.compile_backend)
         return model
 
-    def describe(self) -> dict:
-        return {"device": str(self.device), "amp": str(self.amp).replace("torch.", ""),
-                "video_dtype": str(self.video_dtype).replace("torch.", ""),
-                "channels_last": self.channels_last, "compile": self.compile,
-                "cudnn_benchmark": self.cudnn_benchmark}
-
 
 def compile_regional(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each pytorchvideo ResBlock in place (regional compilation): blocks of the same
