@@ -33,10 +33,6 @@ class Loaded:
     ckpt: dict
     runtime: Runtime  # the checkpoint's config on this machine: the trainer's autocast
 
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
 
 def load_for_inference(path: str | Path, device: str = "auto") -> Loaded:
     """Weights and config only (no optimizer); a GPU-made checkpoint loads on the CPU. It

@@ -32,9 +32,6 @@ class AugParams:
     contrast: float = 1.0
 
 
-EVAL_PARAMS = AugParams()
-
-
 def draw_params(data: DataConfig, *, seed: int, epoch: int, row: int) -> AugParams:
     """The per-clip random draw; seeded like the frame indices (separate stream)."""
     rng = clip_rng(seed, epoch, row, 1)
