@@ -181,6 +181,7 @@ class DaliLoader(ManifestLoader):
             if not run.batch(run.next):
                 self._end_pass(run)
             if batch is not None:
+                self.counts.backend_batches += 1
                 yield batch
 
     def _end_pass(self, run: Pass) -> None:
@@ -243,7 +244,10 @@ class DaliLoader(ManifestLoader):
             self.report(f)
         if not failures:  # DALI fails a batch as a whole: name the likely clips
             self._name_suspects(good, reason)
-        return None if batch is None else self.deliver(batch)
+        if batch is None:
+            return None
+        self.counts.cpu_redone_batches += 1
+        return self.deliver(batch)
 
     def _name_suspects(self, plans: list[ClipPlan], reason: str) -> None:
         m = self.spec.manifest

@@ -56,6 +56,26 @@ class ClipFailure:
 
 
 @dataclass
+class LoaderCounts:
+    """Who made the batches a loader delivered: its own backend (DALI's graphs for a DALI
+    loader, the workers for the CPU loader) or the CPU path redoing a batch the backend failed
+    on. A DALI figure or check is honest only where `cpu_redone_batches` is 0."""
+    backend_batches: int = 0
+    cpu_redone_batches: int = 0
+
+    def __sub__(self, other: LoaderCounts) -> LoaderCounts:
+        return LoaderCounts(self.backend_batches - other.backend_batches,
+                            self.cpu_redone_batches - other.cpu_redone_batches)
+
+    def copy(self) -> LoaderCounts:
+        return LoaderCounts(self.backend_batches, self.cpu_redone_batches)
+
+    def to_dict(self) -> dict:
+        return {"backend_batches": self.backend_batches,
+                "cpu_redone_batches": self.cpu_redone_batches}
+
+
+@dataclass
 class LoaderSpec:
     """What every backend needs to know to build a loader (no component config leaks)."""
     manifest: Manifest
@@ -126,6 +146,9 @@ class ClipLoader:
         self.batch_size, self.seed = batch_size, seed
         self.position = Position()
         self.failures: list[ClipFailure] = []
+        # since the loader was made (not saved: a resumed run counts its own batches);
+        # per epoch: the difference of two copies
+        self.counts = LoaderCounts()
 
     def rows(self, epoch: int) -> list[int]:
         raise NotImplementedError
@@ -240,6 +263,7 @@ class SyntheticLoader(ClipLoader):
         while self.position.consumed < n:
             s = slice(self.position.consumed, self.position.consumed + self.batch_size)
             self.position.consumed = min(self.position.consumed + self.batch_size, n)
+            self.counts.backend_batches += 1
             idx = torch.arange(n, device=self.label.device)[s]
             yield Batch(self.video[s], self.mask[s], self.label[s], idx).to(
                 self.device, self.dtype, self.channels_last)

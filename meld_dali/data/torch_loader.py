@@ -120,4 +120,5 @@ class TorchLoader(ManifestLoader):
             for f in failures:
                 self.report(f)
             if batch is not None:
+                self.counts.backend_batches += 1
                 yield self.deliver(batch)
