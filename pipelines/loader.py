@@ -11,18 +11,23 @@ merges the pipelines' outputs. Three things keep the decoders fed:
 - `n_pipes` pipelines each decode a share of every batch (position p goes to pipeline
   p % n_pipes): one decode session cannot use more than one NVDEC engine, and the driver
   spreads simultaneous sessions over the engines. The shares are merged back in order.
-A file that cannot be read is skipped and reported; a clip DALI cannot decode fails its
-whole batch inside DALI: that batch is redone by the CPU path, the clip named, and the
-pipelines rebuilt after it. Any other error (out of memory, a bug) surfaces.
+A file that cannot be read is skipped and reported. A decoder failure fails its whole batch
+inside DALI: `faults.classify` reads it. A device fault (no NVDEC, a CUDA error, device
+memory) stops the run at once. Any other decoder failure is redone by the CPU path: a clip
+the CPU path cannot read either is a bad clip, skipped and reported; a batch it reads whole
+is the backend's fault, counted (`counts.cpu_redone_batches`), and `FAULT_LIMIT` of those in
+a row stop the run in one line. Any other error (a bug) surfaces as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from collections.abc import Iterator
 
 import torch
+from meld_dali.pipelines.faults import FAULT_LIMIT, BackendFault, DaliFailure, classify
 from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline
 from meld_dali.pipelines.sources import FILLER, FileReader, Pass, ShareSource
 from nvidia.dali import types
@@ -33,27 +38,13 @@ from meld_dali.data.base import Batch, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path
 from meld_dali.data.plan import ClipPlan
 from meld_dali.data.torch_loader import ClipDataset, collate
-from meld_dali.hardware import decodes, nvdec_engines
+from meld_dali.hardware import DECODERS, decodes, nvdec_engines
 
 log = logging.getLogger("meld_dali.pipelines")
 # DALI has no bfloat16: a bf16 run gets float16 from DALI (normalized pixels fit it easily)
 # and `deliver` casts on the GPU, half the bytes of a float32 round trip.
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
                torch.float32: types.FLOAT}
-DECODERS = ("fn.decoders.video", "fn.decoders.image")
-
-
-def decode_failure(e: RuntimeError) -> str | None:
-    """The reason DALI gives when a decoder failed on the data, or None for any other error
-    (out of memory, a bug in the graph or the source), which must surface, not be recovered."""
-    text = str(e)
-    if not any(op in text for op in DECODERS) or any(
-            s in text for s in ("out of memory", "CUDA error", "cudaError")):
-        return None
-    after = text.split("encountered:", 1)[-1]
-    return next((ln.strip() for ln in after.splitlines() if ln.strip()), "decoder error")
-
-
 def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
     """How many pipelines (decode sessions) to run: for video on a GPU, one per NVDEC engine
     (hardware.GPUS; 2 on a GPU not in the table); else one."""
@@ -86,6 +77,10 @@ class DaliLoader(ManifestLoader):
         self.sources: list[ShareSource] = []
         self.run: Pass | None = None  # the current (or last) pass
         self.builds = 0  # pipelines built so far (tests: reused across epochs)
+        self.fault_streak = 0  # batches in a row DALI failed and the CPU path read whole
+        self.last_fault = ""  # DALI's message for the last batch the CPU path redid
+        # each DALI output with the CUDA event after the copy that consumes it (see _hold)
+        self._held: deque[tuple[torch.cuda.Event, list[dict]]] = deque()
 
     # ------------------------------------------------------------------ pipelines
 
@@ -148,6 +143,9 @@ class DaliLoader(ManifestLoader):
 
     def _close_pipelines(self) -> None:
         self.its = []
+        for done, _ in self._held:  # the pipelines' memory goes with them: copies first
+            done.synchronize()
+        self._held.clear()
 
     # ------------------------------------------------------------------ batches
 
@@ -157,12 +155,14 @@ class DaliLoader(ManifestLoader):
             try:
                 yield from self._run(run)
             except RuntimeError as e:
-                reason = decode_failure(e)
-                if reason is None:  # out of memory, a bug, ...: not the clips' fault
+                failure = classify(e)
+                if failure is None:  # a bug in the graph or the source: surfaces as it is
                     raise
-                # a clip DALI could not decode: redo this batch on the CPU path, then build
-                # the pipelines again from the next batch
-                batch = self._recover(run, reason)
+                if failure.kind == "device":  # no NVDEC, a CUDA fault: redoing hides it
+                    raise BackendFault(self.backend, failure.reason, failure.cause) from e
+                # a decoder failed on this batch: the CPU path redoes it and judges the clips;
+                # the pipelines are built again from the next batch
+                batch = self._recover(run, failure)
                 if batch is not None:
                     yield batch
                 continue
@@ -182,6 +182,7 @@ class DaliLoader(ManifestLoader):
                 self._end_pass(run)
             if batch is not None:
                 self.counts.backend_batches += 1
+                self.fault_streak = 0
                 yield batch
 
     def _end_pass(self, run: Pass) -> None:
@@ -223,7 +224,26 @@ class DaliLoader(ManifestLoader):
                 idx = idx.pin_memory().to(video.device, non_blocking=True)
             video, mask, label, index = (t.index_select(0, idx)
                                          for t in (video, mask, label, index))
-        return self.deliver(Batch(video, mask, label, index))  # a copy: DALI reuses buffers
+        batch = self.deliver(Batch(video, mask, label, index))  # a copy in new memory
+        self._hold(outs)
+        return batch
+
+    def _hold(self, outs: list[dict]) -> None:
+        """Keep DALI's outputs alive until the GPU has run the copy that reads them. DALI 2.x
+        (exec_dynamic, its default) hands each output to torch through DLPack
+        (plugin/pytorch DALIGenericIterator: `torch.from_dlpack`, no copy), and the last
+        reference dropped returns the memory to DALI's pool, which the next iteration may
+        reuse while `deliver`'s kernels are still queued on torch's stream. So each batch's
+        outputs stay here, with an event recorded after those kernels, until it has passed.
+        On the CPU `deliver` ran to its end already: nothing to hold."""
+        video = outs[0]["video"]
+        if not video.is_cuda:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(video.device))
+        self._held.append((done, outs))
+        while self._held and self._held[0][0].query():  # passed: DALI may reuse them
+            self._held.popleft()
 
     def _clips_of(self, d: dict):
         video, label, index = d["video"], d["label"].view(-1), d["index"].view(-1)
@@ -234,7 +254,11 @@ class DaliLoader(ManifestLoader):
             return video, d["mask"].view(B, T).bool(), label[::T], index[::T]
         return video, d["mask"].view(video.shape[0], -1).bool(), label, index
 
-    def _recover(self, run: Pass, reason: str) -> Batch | None:
+    def _recover(self, run: Pass, failure: DaliFailure) -> Batch | None:
+        """Redo the batch DALI failed on with the CPU path, which judges its clips. A clip
+        the CPU path cannot read either is a bad clip (reported: it explains DALI's failure).
+        A batch it reads whole was the backend's fault: counted, and the FAULT_LIMIT-th in a
+        row stops the run instead of being delivered."""
         plans = run.batch(run.next)
         read_failed, _ = self._take(run)
         self._close_pipelines()
@@ -242,11 +266,17 @@ class DaliLoader(ManifestLoader):
         batch, failures = collate([self.dataset.load(p) for p in good])
         for f in failures:
             self.report(f)
-        if not failures:  # DALI fails a batch as a whole: name the likely clips
-            self._name_suspects(good, reason)
+        if failures:
+            self.fault_streak = 0
+        elif good:
+            self.fault_streak += 1
+            if self.fault_streak >= FAULT_LIMIT:
+                raise BackendFault(self.backend, failure.reason, self._likely_cause(good))
+            self._name_suspects(good, failure.reason)
         if batch is None:
             return None
         self.counts.cpu_redone_batches += 1
+        self.last_fault = failure.reason
         return self.deliver(batch)
 
     def _name_suspects(self, plans: list[ClipPlan], reason: str) -> None:
@@ -256,8 +286,25 @@ class DaliLoader(ManifestLoader):
         odd = ([c for c in clips if not decodes(self.backend, c.codec, c.pix_fmt, c.profile)]
                if self.spec.source == "video" else [])
         names = ", ".join(str(clip_source_path(m, c, self.spec.source)) for c in (odd or clips))
-        log.warning("DALI could not decode %s (%s); the CPU path did, its result is used",
-                    f"one of {names}" if len(odd or clips) > 1 else names, reason)
+        log.warning("DALI could not decode %s (%s); the CPU path did, its result is used "
+                    "(%d of %d such batches in a row stop the run)",
+                    f"one of {names}" if len(odd or clips) > 1 else names, reason,
+                    self.fault_streak, FAULT_LIMIT)
+
+    def _likely_cause(self, plans: list[ClipPlan]) -> str:
+        m = self.spec.manifest
+        clips = [m.clips[p.row] for p in plans]
+        if self.spec.source == "video":
+            odd = sorted({c.codec or "?" for c in clips
+                          if not decodes(self.backend, c.codec, c.pix_fmt, c.profile)})
+            if odd:
+                return (f"{DECODERS[self.backend].name} does not take these clips "
+                        f"({', '.join(odd)}), on {FAULT_LIMIT} batches in a row; the CPU "
+                        "path reads them")
+        hint = (" (NVDEC missing or unable to decode them?)" if self.dali_device == "gpu"
+                else "")
+        return (f"DALI's decoder failed on {FAULT_LIMIT} batches in a row whose clips the CPU "
+                f"path reads: the backend is at fault, not the clips{hint}")
 
     def close(self) -> None:
         """Free the pipelines and the reader threads now (they are rebuilt if iterated)."""
