@@ -27,7 +27,7 @@ from meld_dali.data.select import (
     resolve_backend,
     resolve_source,
 )
-from meld_dali.hardware import gpu_facts
+from meld_dali.hardware import gpu_facts, nvcuvid_problem
 from meld_dali.manifest import Manifest
 from meld_dali.verify import CLIPS, MAX_TOL, MEAN_TOL, Verdict, compare, sample_manifest
 
@@ -52,8 +52,9 @@ def machine() -> dict:
     mem = psutil.virtual_memory()
     env.update(pyav=av.__version__, ffmpeg=str(getattr(av, "ffmpeg_version_info", "?")),
                memory_free_gb=mem.available / GB, memory_total_gb=mem.total / GB,
-               nvdec=None, nvjpg=None, gpu_reason="")
+               nvdec=None, nvjpg=None, gpu_reason="", nvcuvid="no GPU")
     if torch.cuda.is_available():
+        env["nvcuvid"] = nvcuvid_problem() or "loaded"
         facts = gpu_facts(env["gpu"])
         free, total = torch.cuda.mem_get_info()
         env.update(gpu_memory_free_gb=free / GB, gpu_memory_total_gb=total / GB,
@@ -98,13 +99,14 @@ def _short(why: str) -> str:
     return why.split(" (")[0].split(";")[0]
 
 
-def _run(backend: str, m: Manifest, source: str, label: str, cfg) -> Verdict:
+def _run(backend: str, m: Manifest, source: str, label: str, cfg,
+         train: bool = False) -> Verdict:
     split = "dev" if m.ok("dev") else cfg.data.train_split  # a root with no dev clips
     why = backend_problem(backend, m, split, source)
     if why:
-        return Verdict(backend, source, label, error=why)
+        return Verdict(backend, source, label, mode="train" if train else "eval", error=why)
     device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
-    return compare(m, split, source, cfg.data, cfg.loader, backend, device, label)
+    return compare(m, split, source, cfg.data, cfg.loader, backend, device, label, train=train)
 
 
 def video_only(m: Manifest) -> Manifest:
@@ -133,6 +135,10 @@ def generated_checks(folder: Path, cfg, say=None) -> tuple[list[Verdict], Manife
                 m, source, label = inputs[key]
                 say(f"doctor: verifying {backend} on {label}")
                 out.append(_run(backend, m, source, label, cfg))
+        for key in (k for k in TRAIN_PLAN.get(backend, ()) if k in inputs):
+            m, source, label = inputs[key]
+            say(f"doctor: verifying {backend} on {label}, train mode")
+            out.append(_run(backend, m, source, label, cfg, train=True))
     return out, inputs["h264"][0]
 
 
@@ -141,6 +147,9 @@ def generated_checks(folder: Path, cfg, say=None) -> tuple[list[Verdict], Manife
 # show that it cannot read it.
 PLAN = {"dali-gpu": ("h264", "frames"), "dali-cpu": ("h264", "vp9", "mjpeg", "frames"),
         "torch": ("h264", "frames")}
+# Train mode (flip, rotation, colour, the per-sample normalization the GPU graph does) for
+# the DALI graphs, on the video each decodes and on frame folders; torch is the reference.
+TRAIN_PLAN = {"dali-gpu": ("h264", "frames"), "dali-cpu": ("vp9", "frames")}
 
 
 def data_checks(m: Manifest, label: str, cfg, say=None) -> list[Verdict]:
@@ -166,9 +175,9 @@ def auto_picks(m: Manifest, checks: list[Verdict], cfg) -> dict:
         why = ("a CUDA GPU and DALI are here" if backend == "dali-gpu" else
                "dali-gpu cannot run here: "
                + _short(backend_problem("dali-gpu", m, split, source)))
-        row = next((v for v in checks if (v.backend, v.source) == (backend, source)), None)
+        rows = [v for v in checks if (v.backend, v.source) == (backend, source)]
         picks[command] = {"backend": backend, "source": source, "why": why,
-                          "verified": bool(row and row.ok)}
+                          "verified": bool(rows) and all(v.ok for v in rows)}
     return picks
 
 
@@ -184,7 +193,8 @@ def run_doctor(data: Path | None = None, out: Path = Path("runs"), say=None) -> 
                                   "units": "normalized (one grey level ~0.017)"},
                     "settings": {"num_frames": cfg.data.num_frames,
                                  "crop_size": cfg.data.crop_size,
-                                 "short_side": cfg.data.short_side, "mode": "eval"}}
+                                 "short_side": cfg.data.short_side,
+                                 "modes": ["eval", "train (DALI graphs)"]}}
     with tempfile.TemporaryDirectory(prefix="meld-dali-doctor-") as tmp:
         generated, meld_like = generated_checks(Path(tmp), cfg, say)
     given = data_checks(m, str(data), cfg, say) if m is not None else []
@@ -199,6 +209,8 @@ def run_doctor(data: Path | None = None, out: Path = Path("runs"), say=None) -> 
                  if isinstance(p, dict) and not p["verified"]]
     failures += [f"{d['what']}: {d['checked']} is not writable" for d in report["disk"]
                  if not d["writable"]]
+    if report["machine"]["nvcuvid"] not in ("no GPU", "loaded"):  # dali-gpu cannot decode
+        failures.append(f"NVDEC: {report['machine']['nvcuvid']}")
     report.update(failures=failures, ok=not failures, seconds=time.perf_counter() - t0)
     return report
 
@@ -235,13 +247,16 @@ def render(rep: dict) -> list:
         f"{k.upper()} x{'?' if mc[k] is None else mc[k]}" for k in ("nvdec", "nvjpg")))
     top.add_row("decoders", f"DALI {mc['dali']}, PyAV {mc['pyav']} (FFmpeg {mc['ffmpeg']}), "
                 f"engines: {engines}")
+    if mc["nvcuvid"] != "no GPU":
+        top.add_row("NVDEC", "libnvcuvid loads" if mc["nvcuvid"] == "loaded"
+                    else f"[red]{mc['nvcuvid']}[/red]")
     for d in rep["disk"]:
         top.add_row(d["what"], f"{d['path']}: {d['free_gb']:.0f} GB free, "
                     + ("writable" if d["writable"] else "[red]not writable[/red]")
                     + f" (MELD: ~{d['need_gb']} GB of {d['need_why']})"
                     + ("" if d["enough"] else " [red]not enough[/red]"))
-    t = Table(title=f"against the CPU reference: eval view ({s['num_frames']} frames, "
-              f"{s['crop_size']} px), {tol['clips']} clips each",
+    t = Table(title=f"against the CPU reference: eval view, and train draws where marked "
+              f"({s['num_frames']} frames, {s['crop_size']} px), {tol['clips']} clips each",
               box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
               collapse_padding=True)
     for name in ("backend", "input", "runs here", "verified"):
@@ -251,8 +266,8 @@ def render(rep: dict) -> list:
         if v["group"] != group:
             group = v["group"]
             t.add_section()
-        t.add_row(v["backend"], v["data"] if group == "generated" else f"data {v['source']}",
-                  *_result(v))
+        what = v["data"] if group == "generated" else f"data {v['source']}"
+        t.add_row(v["backend"], what + (" train" if v["mode"] == "train" else ""), *_result(v))
     bottom = Table.grid(padding=(0, 1))
     bottom.add_column(style="bold", no_wrap=True)
     bottom.add_column()

@@ -96,3 +96,26 @@ def decodes(backend: str, codec: str | None, pix_fmt: str | None = None,
     if d.pix_fmts and codec in d.pix_fmts and pix_fmt not in d.pix_fmts[codec]:
         return False
     return not (d.bad_profiles and profile in d.bad_profiles.get(codec or "", ()))
+
+
+NVCUVID = ("libnvcuvid.so", "libnvcuvid.so.1")  # the names DALI dlopens (dynlink_nvcuvid.cc)
+
+
+def nvcuvid_problem() -> str:
+    """Why NVDEC's library cannot be loaded in this process ('' when it can): DALI's video
+    decoders run through libnvcuvid, which the driver installs and a container only gets with
+    the `video` driver capability."""
+    import ctypes
+
+    errors = []
+    for name in NVCUVID:
+        try:
+            ctypes.CDLL(name)
+            return ""
+        except OSError as e:
+            errors.append(str(e))
+    caps = os.environ.get("NVIDIA_DRIVER_CAPABILITIES")
+    hint = ("; in Docker, run with NVIDIA_DRIVER_CAPABILITIES including video (it is "
+            f"{caps!r} here)" if caps is not None and "video" not in caps and caps != "all"
+            else "; it comes with the NVIDIA driver (in Docker: the `video` capability)")
+    return f"libnvcuvid cannot be loaded ({errors[-1]}){hint}"

@@ -1,10 +1,15 @@
 """Does a loader backend deliver what the CPU reference path delivers, here, on these clips?
 
 The reference is the CPU path every backend is specified against: PyAV / PIL decoding and
-`to_clip` (the eval view: resize, centre crop, normalize, pad and mask), run in this process
-(`ClipDataset`). A backend passes when, on every clip, its eval-mode output has the same
-mask and lies within the tolerance of the reference. Used by `meld-dali doctor` (generated
-clips and the first clips of --data) and before a run on a DALI backend (`loader.verify`).
+`to_clip` (resize, crop, flip, rotation, colour, normalize, pad and mask), run in this
+process (`ClipDataset`) on the same clip plans as the backend. A backend passes when, on every
+clip, its output has the same mask and lies within the tolerance of the reference, in eval
+mode (the centre view) or in train mode (each clip's augmentation draws: flip, rotation,
+colour and the GPU's per-sample normalization). A backend passes only on batches it made
+itself: one whose loader redid a batch on the CPU path (DALI failed on it) fails, since the
+CPU path compared with itself verifies nothing. Used by `meld-dali doctor` (generated clips
+and the first clips of --data), `gpu_check`, and before a run on a DALI backend
+(`loader.verify`, eval mode).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from meld_dali.data.base import ClipFailure, LoaderSpec
 from meld_dali.data.decode import clip_source_path
 from meld_dali.data.select import build_loader
 from meld_dali.data.torch_loader import ClipDataset
-from meld_dali.errors import UserError
+from meld_dali.errors import BackendFault, UserError
 from meld_dali.manifest import Manifest
 from meld_dali.prepare import extract_frames
 from meld_dali.probe import probe
@@ -38,6 +43,9 @@ log = logging.getLogger("meld_dali.verify")
 # the mean far more (one frame off: > 0.1 on generated clips); MAX_TOL only catches garbage.
 MEAN_TOL = 0.05
 MAX_TOL = 2.5
+# Train mode (flip, rotation, colour) is held to the same tolerance: measured with dali-cpu
+# on the doctor's textured 640x360 clips, train 0.021 mean / 0.66 max (VP9) and 0.014 / 0.68
+# (MJPEG), eval 0.021 / 0.78 and 0.015 / 0.84; the rotation's sign reversed gives 0.40 / 4.6.
 CLIPS = 4  # clips compared per check: seconds on a CPU
 
 
@@ -47,17 +55,20 @@ class Verdict:
     backend: str
     source: str
     data: str  # what was read: "generated vp9 640x360" or the --data root
+    mode: str = "eval"  # eval: the centre view; train: each clip's augmentation draws
     ok: bool | None = None
     clips: int = 0
     mean_abs_diff: float | None = None  # the largest per-clip mean over the clips
     max_abs_diff: float | None = None
     worst: str = ""  # the clip with the largest mean difference
+    backend_batches: int = 0  # batches the backend made itself
+    cpu_redone_batches: int = 0  # batches the CPU path redid (DALI failed): a failed check
     error: str = ""
     seconds: float = 0.0
 
     def line(self) -> str:
         """One line saying what failed, for an error message or the doctor's list."""
-        what = f"{self.backend} on {self.data} ({self.source})"
+        what = f"{self.backend} on {self.data} ({self.source}, {self.mode})"
         if self.error:
             return f"{what}: {self.error}"
         return (f"{what}: {self.worst} differs from the CPU reference by {self.mean_abs_diff:.3f}"
@@ -76,19 +87,22 @@ def first_clips(manifest: Manifest, split: str, n: int = CLIPS) -> Manifest:
 
 def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loader: LoaderConfig,
             backend: str, device: torch.device | None = None, label: str = "",
-            clips: int = CLIPS, make_loader=build_loader) -> Verdict:
-    """Run `backend` in eval mode on the first `clips` loadable clips of `split` and compare
-    each clip with the reference. `make_loader(spec, data, loader, backend)` builds the
+            clips: int = CLIPS, make_loader=build_loader, train: bool = False,
+            dtype: torch.dtype = torch.float32) -> Verdict:
+    """Run `backend` on the first `clips` loadable clips of `split` (eval mode, or train mode
+    with each clip's augmentation draws; output in `dtype`) and compare each clip with the
+    reference on the same plan. `make_loader(spec, data, loader, backend)` builds the
     loader (build_loader; tests pass a deliberately wrong one)."""
     m = first_clips(manifest, split, clips)
-    v = Verdict(backend, source, label or str(manifest.base))
+    v = Verdict(backend, source, label or str(manifest.base), mode="train" if train else "eval")
     rows = m.ok(split)
     if not rows:
         v.error = f"no loadable {split} clips"
         return v
     t0 = time.perf_counter()
-    spec = LoaderSpec(m, split, False, min(2, len(rows)), seed=0,
-                      device=device or torch.device("cpu"), dtype=torch.float32, source=source)
+    # train: batches of 2 over an even count, so the train order drops no lone last clip
+    spec = LoaderSpec(m, split, train, min(2, len(rows)), seed=0,
+                      device=device or torch.device("cpu"), dtype=dtype, source=source)
     got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         it = make_loader(spec, data, loader, backend)
@@ -96,12 +110,26 @@ def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loade
             for k, row in enumerate(b.index.tolist()):
                 got[row] = (b.video[k].float().cpu(), b.mask[k].cpu())
         skipped = {f.index: f.error for f in it.failures}
+        v.backend_batches = it.counts.backend_batches
+        v.cpu_redone_batches = it.counts.cpu_redone_batches
+        fault = getattr(it, "last_fault", "")
         del it  # its pipelines or worker processes go now, not at the next check
     except Exception as e:  # noqa: BLE001 - a diagnosis: any failure is a finding
         v.error = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        if isinstance(e, BackendFault):  # it runs here, and fails: not "cannot run"
+            v.ok = False
         v.seconds = time.perf_counter() - t0
         return v
-    ref = ClipDataset(m, data, train=False, seed=0, source=source)
+    if v.cpu_redone_batches:
+        v.error = (f"{v.cpu_redone_batches} of {v.cpu_redone_batches + v.backend_batches} "
+                   f"batches were made by the CPU path, not {backend} (DALI failed: {fault}): "
+                   "nothing of the backend's was verified")
+        v.ok = False
+        v.seconds = time.perf_counter() - t0
+        return v
+    ref = ClipDataset(m, data, train=train, seed=0, source=source)
+    if train:
+        rows = [r for r in rows if r in got or r in skipped]  # a lone last clip is dropped
     worst = -1.0
     for row in rows:
         path = str(clip_source_path(m, m.clips[row], source))

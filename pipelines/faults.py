@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from meld_dali.errors import UserError
+from meld_dali.errors import BackendFault  # noqa: F401 - raised by the loader, named here
 
 FAULT_LIMIT = 3  # decode failures in a row on clips the CPU path reads: the backend is broken
 
@@ -91,13 +91,3 @@ def classify(e: BaseException) -> DaliFailure | None:
     if op.group(1) in DECODERS:
         return DaliFailure("decode", dali_reason(text))
     return None
-
-
-class BackendFault(UserError):
-    """The DALI backend cannot do its work here (no NVDEC, a driver fault, a codec it does not
-    take): one line naming the backend, DALI's message and the likely cause."""
-
-    def __init__(self, backend: str, reason: str, cause: str):
-        self.backend, self.reason, self.cause = backend, reason, cause
-        super().__init__(f"{backend} failed: {cause} (DALI: {reason}); `meld-dali doctor` "
-                         "checks this machine, loader.backend=torch trains without DALI")

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,7 @@ class Shifted:
 
     def __init__(self, loader, shift: float):
         self.loader, self.shift, self.failures = loader, shift, loader.failures
+        self.counts = loader.counts
 
     def __iter__(self):
         for b in self.loader:
@@ -98,6 +100,57 @@ def test_dali_cpu_passes_and_a_shifted_backend_fails(synth_vp9, vp9_cfg):
                   make_loader=shifted(0.2))
     assert bad.ok is False and bad.mean_abs_diff == pytest.approx(0.2, abs=0.05)
     assert bad.worst.endswith(".mp4") and "differs from the CPU reference" in bad.line()
+
+
+def test_a_backend_whose_batches_the_cpu_path_made_is_not_verified(synth_root, vp9_cfg):
+    """DALI's CPU decoder over H.264 (it takes none: every batch fails inside DALI and is
+    redone by the CPU path, which then equals the reference exactly): a failed check that
+    says the CPU path made the batches, never a pass at 0.000."""
+    m = Manifest.load(synth_root)
+    v = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu")
+    assert v.ok is False and v.mean_abs_diff is None
+    assert v.cpu_redone_batches == 2 and v.backend_batches == 0
+    assert "2 of 2 batches were made by the CPU path, not dali-cpu" in v.line()
+    assert "Failed to create video decoder" in v.line()
+    with pytest.raises(UserError, match="made by the CPU path"):
+        check_backend(vp9_cfg, m, "video", "dali-cpu", torch.device("cpu"))
+
+
+def test_train_mode_is_verified_on_each_clips_draws(synth_vp9, vp9_cfg):
+    """The train graph (flip, rotation, colour) against the reference on the same plans;
+    the rotation's sign reversed in the backend fails it."""
+    m = Manifest.load(synth_vp9)
+    good = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu", train=True)
+    assert good.ok and good.mode == "train" and good.clips == 4
+    assert good.backend_batches == 2 and good.cpu_redone_batches == 0
+    reversed_angle = vp9_cfg.data.model_copy(update={"rotate_deg": -vp9_cfg.data.rotate_deg})
+
+    def wrong_sign(spec, data, loader_cfg, backend):
+        return build_loader(spec, reversed_angle, loader_cfg, backend)
+
+    bad = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu", train=True,
+                  make_loader=wrong_sign)
+    assert bad.ok is False and bad.mean_abs_diff > 3 * good.mean_abs_diff
+    assert "(video, train)" in bad.line()
+
+
+def test_nvdec_library_problem_names_the_docker_capability(monkeypatch):
+    """No NVIDIA driver here, so libnvcuvid really cannot be loaded: the reason says why
+    and, in a container without the `video` capability, how to get it."""
+    from meld_dali.hardware import nvcuvid_problem
+
+    monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
+    why = nvcuvid_problem()
+    assert why.startswith("libnvcuvid cannot be loaded (libnvcuvid.so.1")
+    assert "NVIDIA_DRIVER_CAPABILITIES including video" in why and "'compute,utility'" in why
+    monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility,video")
+    assert "it comes with the NVIDIA driver" in nvcuvid_problem()
+
+
+def test_the_docker_image_keeps_the_video_capability():
+    dockerfile = (Path(__file__).parents[1] / "docker" / "Dockerfile").read_text()
+    caps = re.search(r"^ENV NVIDIA_DRIVER_CAPABILITIES=(\S+)", dockerfile, re.M)
+    assert caps and "video" in caps.group(1).split(",")
 
 
 def test_a_mismatch_stops_training_with_one_line(synth_vp9, vp9_cfg, caplog):
@@ -158,9 +211,14 @@ def test_doctor_verifies_dali_cpu_and_torch_on_generated_and_given_clips(doctor)
             ("generated", "dali-cpu", "jpeg frames"), ("generated", "torch", "h264 640x360"),
             ("generated", "torch", "jpeg frames"), ("data", "dali-cpu", "video"),
             ("data", "dali-cpu", "frames"), ("data", "torch", "video")} <= ok
+    trained = {(c["backend"], c["data"]) for c in rep["checks"]
+               if c["ok"] and c["mode"] == "train" and c["group"] == "generated"}
+    assert {("dali-cpu", "vp9 640x360"), ("dali-cpu", "jpeg frames")} <= trained
     for c in rep["checks"]:
         if c["ok"]:
             assert c["clips"] == 4 and c["mean_abs_diff"] <= rep["tolerance"]["mean"]
+            # every batch of a passed check was the backend's own
+            assert c["cpu_redone_batches"] == 0 and c["backend_batches"] == 2
         elif c["ok"] is None:
             assert c["error"]  # why it cannot run here
     no_gpu = [c for c in rep["checks"] if c["backend"] == "dali-gpu"]
