@@ -55,6 +55,10 @@ class EpochStats:
     clips: int = 0
     data_wait: float = 0.0
     step_time: float = 0.0
+    # who made the epoch's batches (the loader's LoaderCounts over the epoch): a DALI run
+    # whose cpu_redone_batches is not 0 trained partly on CPU-decoded batches
+    backend_batches: int = 0
+    cpu_redone_batches: int = 0
     pending: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def add(self, loss: torch.Tensor, clips: int) -> None:
@@ -62,6 +66,11 @@ class EpochStats:
         part = loss.detach().double() * clips  # float64 like the old Python float sum
         self.pending = part if self.pending is None else self.pending + part
         self.clips += clips
+
+    def add_counts(self, counts) -> None:
+        """Add a loader's `LoaderCounts` over some batches of this epoch."""
+        self.backend_batches += counts.backend_batches
+        self.cpu_redone_batches += counts.cpu_redone_batches
 
     def flush(self) -> None:
         """Move the device-side sum into `loss_sum` (the one GPU sync)."""
@@ -81,12 +90,17 @@ class EpochStats:
     def load_state_dict(self, sd: dict) -> None:
         self.loss_sum, self.clips = sd["loss_sum"], sd["clips"]
         self.data_wait, self.step_time = sd["data_wait"], sd["step_time"]
+        # absent from checkpoints written before the counts existed: nothing counted then
+        self.backend_batches = sd.get("backend_batches", 0)
+        self.cpu_redone_batches = sd.get("cpu_redone_batches", 0)
         self.pending = None
 
     def as_dict(self) -> dict:
         return {"train_loss": self.mean_loss(), "train_clips": self.clips,
                 "data_wait_s": self.data_wait, "step_time_s": self.step_time,
-                "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9)}
+                "data_wait_share": self.data_wait / max(self.data_wait + self.step_time, 1e-9),
+                "backend_batches": self.backend_batches,
+                "cpu_redone_batches": self.cpu_redone_batches}
 
 
 def stages_for_epoch(train, epoch: int) -> set[str]:

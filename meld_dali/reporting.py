@@ -92,7 +92,9 @@ class EpochReporter:
         self.say(f"epoch {epoch}: loss {row['train_loss']:.4f}  acc {metrics['accuracy']:.3f}  "
                  f"macro-F1 {metrics['macro_f1']:.3f}  weighted-F1 {metrics['weighted_f1']:.3f}"
                  f"  (all-neutral {metrics['baseline_weighted_f1']:.3f})  data-wait "
-                 f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}")
+                 f"{row['data_wait_share']:.0%}{'  *best*' if improved else ''}"
+                 + redone_note(row))
+
 
     def write_curves(self, history: list[dict]) -> Path | None:
         """curves.png from the history rows; a plotting failure never stops training."""
@@ -142,3 +144,13 @@ class EpochReporter:
     def finish(self) -> None:
         self.pass_end()
         self.tracker.finish()
+
+
+def redone_note(row: dict) -> str:
+    """'' when the loader's backend made every batch of the epoch; else how many the CPU
+    path redid (DALI failed on them): a DALI run that is partly CPU-decoded says so."""
+    train, dev = row.get("cpu_redone_batches", 0), row.get("eval_cpu_redone_batches", 0)
+    if not train and not dev:
+        return ""
+    return (f"  [{row.get('loader_backend', '?')}: {train} train and {dev} dev batches "
+            "redone on the CPU path]")

@@ -124,6 +124,17 @@ def _epochs(epochs: list[int]) -> str:
     return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
 
 
+def data_path_line(history: list[dict]) -> Text:
+    """Who made the batches of the whole run: the backend itself, or the CPU path redoing
+    the batches DALI failed on (red: numbers trained on, or scored, that are not DALI's)."""
+    made = sum(r.get("backend_batches", 0) + r.get("eval_backend_batches", 0) for r in history)
+    redone = sum(r.get("cpu_redone_batches", 0) + r.get("eval_cpu_redone_batches", 0)
+                 for r in history)
+    backend = history[-1].get("loader_backend", "?")
+    return Text(f"data path: {backend} made {made} batches (train and dev), the CPU path "
+                f"redid {redone}", style="red" if redone else "")
+
+
 def run_summary(history: list[dict], run_dir: str | Path) -> list:
     """What closes `train`: the best epoch, its per-class scores against the all-neutral
     baseline, the data-wait share per unfreezing stage, and where the files are."""
@@ -158,6 +169,7 @@ def run_summary(history: list[dict], run_dir: str | Path) -> list:
         share = sum(r["data_wait_share"] for r in rows) / len(rows)
         w.add_row(stage_label(stages), _epochs([r["epoch"] for r in rows]), f"{share:.0%}")
     out.append(w)
+    out.append(data_path_line(history))
     run = Path(run_dir)
     files = [("run folder", run), ("best weights", run / "checkpoints" / "best.pt"),
              ("last state", run / "checkpoints" / "last.pt"),

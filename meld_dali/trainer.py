@@ -111,9 +111,12 @@ class Trainer:
         done = loader.position.delivered  # > 0 when resumed mid-epoch
         self.reporter.epoch_start(self.epoch, total, min(done, total), self.stats.clips)
         batches = self.dist.batches(loader)  # DDP: every rank runs the same micro-batches
+        counted = loader.counts.copy()  # who made the batches: the backend or the CPU path
         while done < total:  # resumed past a lowered step cap: the epoch is over at once
             size = min(accum, total - done)  # the last group may be partial
             trained = self.train_step(islice(batches, size), size, done)
+            self.stats.add_counts(loader.counts - counted)
+            counted = loader.counts.copy()
             done += trained
             if trained < size:  # skipped clips left a loader short: the epoch ends here
                 self.reporter.say(f"epoch {self.epoch} ends at micro-batch {done} of {total} "
@@ -207,16 +210,22 @@ class Trainer:
         on_batch = self.reporter.eval_start(f"epoch {self.epoch - 1} {self.cfg.data.eval_split}",
                                             len(self.eval_loader))
         # the model itself, not DDP's wrapper: each rank scores its own shard, no collectives
+        counted = self.eval_loader.counts.copy()
         labels, probs, rows = predict_loader(self.model, self.eval_loader, self.runtime,
                                              self.dist, on_batch)
         self.reporter.pass_end()
-        return score(labels, probs, rows, self.clip_ids)
+        metrics, predictions = score(labels, probs, rows, self.clip_ids)
+        made = self.eval_loader.counts - counted
+        metrics.update(eval_backend_batches=made.backend_batches,
+                       eval_cpu_redone_batches=made.cpu_redone_batches)
+        return metrics, predictions
 
     # ------------------------------------------------------------------ state
 
     def end_epoch(self, metrics: dict, predictions: list[dict], improved: bool) -> None:
         """Record the finished epoch (self.epoch already counts it)."""
         row = {"epoch": self.epoch - 1, "step": self.step, **self.take_stats().as_dict(),
+               "loader_backend": self.train_loader.backend,
                "lr": self.scheduler.get_last_lr()[0],
                "stages": sorted(self.model.trainable), "best": improved, **metrics}
         self.reporter.epoch_end(row, metrics, predictions, improved)
