@@ -26,7 +26,10 @@ from meld_dali.bench.common import (
     compact_table,
     describe_input,
     environment,
+    gpu_mem_cell,
     input_label,
+    redone_label,
+    redone_warnings,
     with_unavailable,
 )
 from meld_dali.bench.peers import Peer, peer_problem, peer_source
@@ -294,7 +297,8 @@ def render_table(report: dict):
                                        f", compile {s['compile']}")
                       + f", GPU: {report['env']['gpu']}; TFLOP/s: training FLOPs (2 per MAC) "
                       "per second, MFU: of the dense fp16/bf16 peak; PSS: peak memory of the "
-                      "process tree, GPU: peak device memory, both MB)",
+                      "process tree, GPU: peak device memory NVML "
+                      "lists for the process (in (): torch's allocations alone), both MB)",
                       with_unavailable(_caption(report), report))
     cols = ["loader", *(["variant"] if ab else []), "stage", "clips/s", "TFLOP/s", "MFU",
             "data wait", "verdict", "PSS", "GPU"]
@@ -306,11 +310,12 @@ def render_table(report: dict):
         if r.get("peer") and not line and t.rows:
             t.add_section()  # the peers below a line
         line = line or bool(r.get("peer"))
-        t.add_row(r["backend"], *([r.get("variant", "")] if ab else []), r["stage"],
+        t.add_row(redone_label(r["backend"], r), *([r.get("variant", "")] if ab else []),
+                  r["stage"],
                   f"{r['clips_per_s']:.2f}", f"{r['achieved_tflops']:.2f}",
                   f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-",
                   f"{r['data_wait_share']:.0%}", r["verdict"], f"{r['peak_mem_mb']:.0f}",
-                  f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
+                  gpu_mem_cell(r))
     for u in report["unavailable"]:
         t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-", "n/a", "-",
                   "-")  # the reasons are in the caption
@@ -324,5 +329,6 @@ def _caption(report: dict) -> str | None:
     peers = {r["backend"]: r for r in report["results"] if r.get("peer")}
     lines += [f"peer {name} ({r['source']}): {input_label(r['input'])}"
               for name, r in peers.items()]
+    lines += [f"warning: {w}" for w in redone_warnings(report["results"])]
     return "\n".join(lines) or None
 
