@@ -104,12 +104,48 @@ def tree_memory(procs) -> tuple[int, int]:
     return rss, pss if have_pss else uss + shared
 
 
+def nvml_bus_id(domain: int, bus: int, device: int) -> str:
+    """A PCI address as NVML writes it (nvmlPciInfo_t.busId) and nvmlDeviceGetHandleByPciBusId
+    takes it: domain:bus:device.function in hex, 'DDDDDDDD:BB:DD.0' (a GPU is function 0)."""
+    return f"{domain:08X}:{bus:02X}:{device:02X}.0"
+
+
+def cuda_bus_id(index: int) -> str | None:
+    """The NVML bus id of CUDA device `index` (its number under CUDA_VISIBLE_DEVICES, which
+    NVML ignores: NVML's own index of the same GPU may differ); None where torch gives no
+    PCI address."""
+    props = torch.cuda.get_device_properties(index)
+    try:
+        return nvml_bus_id(props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
+    except AttributeError:  # an older torch
+        return None
+
+
+def nvml_handle(pynvml, index: int):
+    """The NVML handle of CUDA device `index`, found by its PCI bus id; None without one."""
+    bus = cuda_bus_id(index)
+    # bytes: older nvidia-ml-py passes the argument to ctypes as is
+    return pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode()) if bus else None
+
+
+def process_gpu_bytes(procs, pids: set[int]) -> int | None:
+    """Device memory (bytes) that NVML's running-process list (nvmlDeviceGetCompute-
+    RunningProcesses) gives the processes `pids`; None when none of them is listed or NVML
+    cannot tell their memory (usedGpuMemory None)."""
+    used = [p.usedGpuMemory for p in procs
+            if p.pid in pids and getattr(p, "usedGpuMemory", None) is not None]
+    return sum(used) if used else None
+
+
 class ResourceMonitor:
     """Samples this process tree's memory (peak summed RSS and peak PSS) and CPU time, and
     the GPU's memory and utilization, and its NVDEC and NVJPG engines' utilization
     (`nvdec_util`, `nvjpg_util`: fractions, means over the window; None without NVML)
     through NVML when there is a GPU, in a background thread. `peak_mem` (PSS) is the
-    figure to read; `peak_rss` is kept for comparison."""
+    figure to read; `peak_rss` is kept for comparison. The GPU's memory is what NVML lists
+    for this process tree (DALI's allocations included), peak kept: `gpu_mem_peak_mb`;
+    torch's allocator alone is `torch_gpu_mem_peak_mb`. NVML's device is found by PCI bus
+    id, not by CUDA index (CUDA_VISIBLE_DEVICES renumbers CUDA's devices, not NVML's)."""
 
     MEMORY = "PSS"  # what peak_mem_mb is, for table headers
 
@@ -121,20 +157,21 @@ class ResourceMonitor:
         self.engines: dict[str, list[float]] = {"nvdec_util": [], "nvjpg_util": []}
         self._stop = threading.Event()
         self.proc = psutil.Process()
+        self.peak_process_gpu: int | None = None  # bytes NVML sees for this process tree
         self._nvml = None
         if torch.cuda.is_available():
             try:
                 import pynvml
 
                 pynvml.nvmlInit()
-                self._nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                self._nvml = nvml_handle(pynvml, torch.cuda.current_device())
                 self._pynvml = pynvml
                 # decode engines: (util %, sampling period); NVJPG only in recent nvidia-ml-py
                 self._engine_reads = {
                     key: getattr(pynvml, fn) for key, fn in (
                         ("nvdec_util", "nvmlDeviceGetDecoderUtilization"),
                         ("nvjpg_util", "nvmlDeviceGetJpgUtilization")) if hasattr(pynvml, fn)}
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - NVML is optional: no NVML figures
                 self._nvml = None
 
     def _tree(self):
@@ -155,9 +192,18 @@ class ResourceMonitor:
         return total
 
     def _sample(self) -> None:
-        rss, mem = tree_memory(self._tree())
+        tree = self._tree()
+        rss, mem = tree_memory(tree)
         self.peak_rss, self.peak_mem = max(self.peak_rss, rss), max(self.peak_mem, mem)
         if self._nvml is not None:
+            try:
+                used = process_gpu_bytes(
+                    self._pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml),
+                    {p.pid for p in tree})
+            except Exception:  # noqa: BLE001 - not supported here: the figure stays None
+                used = None
+            if used is not None:
+                self.peak_process_gpu = max(self.peak_process_gpu or 0, used)
             try:
                 self.gpu_util.append(
                     float(self._pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu))
@@ -195,7 +241,13 @@ class ResourceMonitor:
         for key, values in self.engines.items():  # mean over the window; None without NVML
             out[key] = sum(values) / len(values) / 100 if values else None
         if torch.cuda.is_available():
-            out["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            # the device memory NVML sees for this process tree (torch's caching allocator,
+            # DALI's own pools, CUDA contexts): None without NVML or where it cannot tell
+            # (a container that hides the host's process ids)
+            out["gpu_mem_peak_mb"] = (self.peak_process_gpu / 2**20
+                                      if self.peak_process_gpu is not None else None)
+            # torch's allocations alone (DALI's are not in it)
+            out["torch_gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             if self.gpu_util:
                 out["gpu_util"] = sum(self.gpu_util) / len(self.gpu_util) / 100
         return out
@@ -332,3 +384,39 @@ def compact_table(title: str, caption: str | None = None):
 
     return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False,
                  pad_edge=False, padding=(0, 1), collapse_padding=True)
+
+
+def gpu_mem_cell(row: dict) -> str:
+    """A table cell for a row's device memory: NVML's figure for the process, else torch's
+    allocations alone in parentheses (no NVML), else '-'."""
+    if row.get("gpu_mem_peak_mb") is not None:
+        return f"{row['gpu_mem_peak_mb']:.0f}"
+    if row.get("torch_gpu_mem_peak_mb") is not None:
+        return f"({row['torch_gpu_mem_peak_mb']:.0f})"
+    return "-"
+
+
+def row_counts(loader, before) -> dict:
+    """`backend_batches` and `cpu_redone_batches` a loader delivered since `before` (a copy
+    of its `counts`): who made the batches of a measured window."""
+    return (loader.counts - before).to_dict()
+
+
+def redone_label(name: str, row: dict) -> str:
+    """A row's loader name, marked when the CPU path redid some of its measured batches."""
+    n = row.get("cpu_redone_batches", 0)
+    return f"{name} [CPU redid {n}]" if n else name
+
+
+def redone_warnings(rows: list[dict], what: str = "") -> list[str]:
+    """One line per row with batches the CPU path redid after DALI failed on them: its
+    figure is (partly) the CPU path's, not DALI's."""
+    out = []
+    for r in rows:
+        n = r.get("cpu_redone_batches", 0)
+        if n:
+            name = "/".join(str(r[k]) for k in ("backend", "source", "stage") if k in r)
+            out.append(f"{name}{what}: {n} of {n + r.get('backend_batches', 0)} measured "
+                       "batches were redone by the CPU path after DALI failed on them: the "
+                       "figure is partly the CPU path's, not DALI's")
+    return out

@@ -23,8 +23,12 @@ from meld_dali.bench.common import (
     compact_table,
     describe_input,
     environment,
+    gpu_mem_cell,
     input_label,
     process_tree,
+    redone_label,
+    redone_warnings,
+    row_counts,
     tree_memory,
     with_unavailable,
 )
@@ -67,6 +71,7 @@ def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict
         next(it)
     rates, frames_rates = [], []
     T, timed = None, 0
+    counts0 = loader.counts.copy()  # who made the timed batches: DALI, or the CPU path
     with ResourceMonitor() as mon:
         for _ in range(repeats):
             clips = frames = 0
@@ -87,7 +92,8 @@ def time_loader(loader, batches: int, repeats: int, warmup: int, device) -> dict
             "frames_per_s": statistics.median(frames_rates),
             "sampled_frames_per_s": statistics.median(rates) * (T or 0),
             "repeats": repeats, "batches": batches, "warmup_batches": warmup,
-            "timed_batches": batches * repeats, "timed_clips": timed, **mon.summary()}
+            "timed_batches": batches * repeats, "timed_clips": timed,
+            **row_counts(loader, counts0), **mon.summary()}
 
 
 def soak(loader, epochs: int) -> dict:
@@ -96,6 +102,7 @@ def soak(loader, epochs: int) -> dict:
     allocations)."""
     me = psutil.Process()
     rss, mem = [], []
+    counts0 = loader.counts.copy()
     for _ in range(epochs):
         for _ in loader:
             pass
@@ -105,7 +112,8 @@ def soak(loader, epochs: int) -> dict:
     second = min(1, len(rss) - 1)
     return {"mem_mb_per_epoch": mem, "rss_mb_per_epoch": rss,
             "mem_growth_mb": mem[-1] - mem[second] if mem else 0.0,
-            "rss_growth_mb": rss[-1] - rss[second] if rss else 0.0}
+            "rss_growth_mb": rss[-1] - rss[second] if rss else 0.0,
+            **row_counts(loader, counts0)}
 
 
 def _row(loader, backend: str, source: str, described: dict, warmup: int, batches: int,
@@ -123,6 +131,23 @@ def _row(loader, backend: str, source: str, described: dict, warmup: int, batche
     return row
 
 
+def loader_jobs(backends: list[str], sources: list[str], peers, loader_cfg: LoaderConfig,
+                cuda: bool) -> list[tuple[str, str, Peer | None, int | None]]:
+    """What to time, in order: (name, source, peer, pipelines). Each backend on each source,
+    then the peers on theirs. On a GPU with `loader.dali_pipelines` auto, dali-gpu on video
+    or cache runs twice: auto (one pipeline per NVDEC engine) and beside it one pipeline
+    (`pipelines` 1, i.e. loader.dali_pipelines=1), so the premise of one pipeline per engine
+    is measured, not assumed."""
+    jobs: list[tuple[str, str, Peer | None, int | None]] = []
+    for s in sources:
+        for b in backends:
+            jobs.append((b, s, None, None))
+            if (cuda and b == "dali-gpu" and s in ("video", "cache")
+                    and loader_cfg.dali_pipelines == 0):
+                jobs.append((b, s, None, 1))
+    return jobs + [(p.name, s, p, None) for p in peers for s in peer_sources(p, sources)]
+
+
 def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                  backends: list[str], sources: list[str], *, batches: int = 10,
                  repeats: int = 3, warmup: int | None = None, batch_size: int = 8,
@@ -138,22 +163,28 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
     train_clips = len(manifest.ok(split))
     timing = dict(batches=batches, repeats=repeats, device=device, soak_epochs=soak_epochs,
                   train_clips=train_clips)
-    jobs = [(b, s, None) for s in sources for b in backends]
-    jobs += [(p.name, s, p) for p in peers for s in peer_sources(p, sources)]
+    jobs = loader_jobs(backends, sources, peers, loader_cfg, torch.cuda.is_available())
     task = progress.add_task("bench loader", total=len(jobs)) if progress else None
-    for name, source, peer in jobs:
+    for name, source, peer, pipes in jobs:
         why = ((peer_problem(peer) or ("" if peer.name == "seed" else
                                        source_problem(manifest, source))) if peer
                else (source_problem(manifest, source)
                      or backend_problem(name, manifest, split, source)))
+        auto = next((r for r in results if r["backend"] == name and r["source"] == source
+                     and r.get("dali_pipelines_setting") == "auto"), None)
+        if not why and pipes and auto and auto["dali_pipelines"] == pipes:
+            why = f"auto runs {pipes} pipeline here already (the row above)"
         if why:
             unavailable.append({"backend": name, "source": source, "reason": why,
-                                "peer": bool(peer)})
+                                "peer": bool(peer), **({"dali_pipelines": pipes} if pipes
+                                                       else {})})
         else:
             spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
                               source=source)
-            loader = (peer.build(spec, data, loader_cfg) if peer
-                      else build_loader(spec, data, loader_cfg, name))
+            cfg = loader_cfg.model_copy(update={"dali_pipelines": pipes}) if pipes \
+                else loader_cfg
+            loader = (peer.build(spec, data, cfg) if peer
+                      else build_loader(spec, data, cfg, name))
             wu = max(auto_warmup("torch" if peer else name, loader_cfg), warmup or 0)
             if peer and peer.name == "seed":  # its own folders, maybe not the manifest's
                 described = describe_input(manifest, split, source, loader.paths)
@@ -162,6 +193,9 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                 described = inputs.setdefault(source, describe_input(manifest, split, source))
             row = _row(loader, name, source, described, wu, **timing)
             row["peer"] = bool(peer)
+            if hasattr(loader, "n_pipes"):  # a DALI loader: its pipelines, and who said so
+                row["dali_pipelines"] = loader.n_pipes
+                row["dali_pipelines_setting"] = cfg.dali_pipelines or "auto"
             if peer:
                 row["gaps"] = list(peer.gaps)
             # its workers end here, not while the next loader's are measured (or forked:
@@ -183,6 +217,9 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
             "each boundary restarts the loader's prefetch inside the timing"
             + ("; by design for the MELD-shaped set (see README)"
                if (dataset or {}).get("kind") == "meld-shaped" else ""))
+    warnings += redone_warnings(results)
+    warnings += redone_warnings([r["soak"] | {"backend": r["backend"], "source": r["source"]}
+                                 for r in results if "soak" in r], " (soak)")
     seed = next((r for r in results if r["peer"] and r["backend"] == "seed"), None)
     for row in results:  # ratios against the torch baseline of the same source, the seed
         base = next((r for r in results if r["backend"] == "torch"
@@ -211,7 +248,8 @@ def render_table(report: dict):
     t = compact_table(f"loader throughput, {kind} data ({env['cores']} cores, GPU: "
                       f"{env['gpu']}; train graph, batch {s['batch_size']}, {s['workers']} "
                       f"workers/threads, T={s['num_frames']}, {s['crop_size']} px; PSS: peak "
-                      "memory of the process tree, GPU: peak device memory, both MB"
+                      "memory of the process tree, GPU: peak device memory NVML "
+                      "lists for the process (in (): torch's allocations alone), both MB"
                       f"{'; PSS+: growth over the soak' if soaked else ''})",
                       with_unavailable(caption(report), report))
     peers = bool(s.get("peers"))
@@ -225,16 +263,28 @@ def render_table(report: dict):
         if group and (rows or gone) and t.rows:
             t.add_section()
         for r in rows:
-            t.add_row(r["backend"], r["source"], f"{r['clips_per_s']:.1f}",
+            t.add_row(redone_label(row_name(r, report["results"]), r), r["source"],
+                      f"{r['clips_per_s']:.1f}",
                       f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}",
                       f"{r['frames_per_s']:.0f}", _ratio(r["vs_torch"]),
                       *((_ratio(r["vs_seed"]),) if peers else ()),
                       f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
-                      f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-",
+                      gpu_mem_cell(r),
                       *((f"{r['soak']['mem_growth_mb']:+.0f}",) if soaked else ()))
         for u in gone:  # the reasons are in the caption
             t.add_row(u["backend"], u["source"], "n/a", *["-"] * (len(t.columns) - 3))
     return t
+
+
+def row_name(row: dict, rows: list[dict]) -> str:
+    """The backend, with its pipeline count where rows of the same backend and source differ
+    in it (dali-gpu auto beside one pipeline)."""
+    n = row.get("dali_pipelines")
+    same = {r.get("dali_pipelines") for r in rows
+            if r["backend"] == row["backend"] and r["source"] == row["source"]}
+    if n is None or len(same) < 2:
+        return row["backend"]
+    return f"{row['backend']} {n} pipe{'s' if n > 1 else ''}"
 
 
 def _ratio(x: float | None) -> str:
@@ -269,7 +319,7 @@ def plot(report: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    labels = [f"{r['backend']}\n{r['source']}" for r in rows]
+    labels = [f"{row_name(r, rows)}\n{r['source']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows)), 3.5))
     vals = [r["clips_per_s"] for r in rows]
     err = [[v - r["clips_per_s_min"] for v, r in zip(vals, rows, strict=True)],

@@ -122,6 +122,7 @@ class PeerLoader(ClipLoader):
             batch = Batch(*b).to(s.device, s.dtype, s.channels_last)
             batch.video = zero_padding(batch.video, batch.mask)  # the Batch contract
             self.position.consumed += len(batch)
+            self.counts.backend_batches += 1  # the peer's own: it has no CPU redo path
             yield batch
 
 

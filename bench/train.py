@@ -2,16 +2,24 @@
 per recipe stage, with FLOPs, achieved TFLOP/s and MFU.
 
 The same Trainer as `meld-dali train` runs `steps` optimizer steps (accumulation 1) after a
-warm-up; its own timers split wall time into data wait (blocked on the loader) and step
-time (forward, backward, optimizer; the trainer syncs the GPU at the end of each pass, so
-the window's wall time is exact). "synthetic" is the model alone on in-memory batches: the
-ceiling any loader can reach.
+warm-up, its `train_step` fed by one generator over the loader's passes (`Feed`): the timed
+steps continue the pass the warm-up began, so no loader start-up and no DALI pipeline build
+falls inside the timed window (checked: a DALI loader's `builds` may not change there, except
+for the rebuild that follows a batch the CPU path redid). Its own timers split wall time into
+data wait (blocked on the loader) and step time (forward, backward, optimizer; the GPU is
+synced at the window's end as at a pass's end, so the window's wall time is exact). Every
+row says who made its timed batches (`backend_batches`, `cpu_redone_batches`: batches the
+CPU path redid after DALI failed on them; a row with any is marked). "synthetic" is the model
+alone on in-memory batches: the ceiling any loader can reach.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode, which counts 2 FLOPs per
 multiply-accumulate (FLOPs = 2 x MACs): pytorchvideo's 65.7 GMACs per SlowFast R50 8x8 clip
 read ~131 GFLOPs here. `fwd_gflops_per_clip` is one forward of one clip; the training FLOPs
 are counted over a real forward+backward of one micro-batch at the row's stage (a frozen
-backbone has no backward through it, so no 3x-forward rule of thumb is used).
+backbone has no backward through it, so no 3x-forward rule of thumb is used). They are
+counted on an uncompiled copy of the model, never on the compiled one: a compiled callable
+first run under FlopCounterMode stays on its eager fallback (PyTorch issue #140909), so the
+compiled row would time eager code.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
+from itertools import islice
 
 import torch
 from meld_dali.bench.common import (
@@ -26,7 +35,11 @@ from meld_dali.bench.common import (
     compact_table,
     describe_input,
     environment,
+    gpu_mem_cell,
     input_label,
+    redone_label,
+    redone_warnings,
+    row_counts,
     with_unavailable,
 )
 from meld_dali.bench.peers import Peer, peer_problem, peer_source
@@ -100,17 +113,30 @@ def forward_flops(model: torch.nn.Module, T: int, S: int, device: torch.device,
         model.train(was)
 
 
-def train_step_flops(trainer: Trainer, batch) -> int:
-    """FLOPs of the forward+backward of one micro-batch as the trainer runs it (its
-    stage, autocast and loss) on the uncompiled model; the gradients are dropped."""
-    net = trainer.net
-    trainer.net = trainer.model  # FlopCounterMode counts eager ops
+def train_step_flops(model: torch.nn.Module, runtime: Runtime, criterion, batch) -> int:
+    """FLOPs of the forward+backward of one micro-batch as the trainer runs it (autocast,
+    loss) on `model`, an uncompiled copy at the row's stage; its gradients are dropped."""
+    def step():
+        with runtime.autocast():
+            loss = criterion(model(batch.video, batch.mask), batch.label)
+        loss.backward()
+
+    was = model.training
+    model.train()
     try:
-        flops = count_flops(lambda: trainer.forward_backward(batch, 1.0))
+        return count_flops(step)
     finally:
-        trainer.net = net
-        trainer.optimizer.zero_grad(set_to_none=True)
-    return flops
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` itself, refused if any block of it was compiled (runtime.compile_regional
+    marks them): FLOPs are never counted through compiled code."""
+    if any(getattr(m, "_meld_compiled", False) for m in model.modules()):
+        raise RuntimeError("FLOPs must be counted on an uncompiled model (PyTorch #140909: "
+                           "a compiled callable first run under FlopCounterMode stays eager)")
+    return model
 
 
 def dynamo_graphs() -> int:
@@ -122,40 +148,121 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class Feed:
+    """One generator over a loader's passes, one after another, for every stage of a
+    loader's rows: warm-up and timed steps come from the same pass, and a stage continues
+    where the last one left. A DALI loader builds its pipelines at its first pass and resets
+    them at each pass's end; only a pass left unfinished (a loop over the loader broken off,
+    as `train_one_epoch(max_steps=...)` does) makes its next pass build them again. `passes`:
+    the passes begun so far (a new one begins when the batch after a pass's last is taken)."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+        self._gen = self._batches()
+
+    def _batches(self):
+        while True:
+            self.passes += 1
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError(f"{getattr(self.loader, 'backend', 'loader')}: a pass "
+                                   "delivered no batch")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def run_steps(trainer: Trainer, feed: Feed, n: int) -> None:
+    """`n` optimizer steps of one micro-batch each from `feed`, as the trainer's
+    train_one_epoch runs them (accumulation 1), then its end-of-pass GPU sync (step time)."""
+    trainer.net.train()
+    for done in range(n):
+        trainer.train_step(islice(feed, 1), 1, done)
+    trainer.stats.step_time += trainer._drain()
+
+
+def check_builds(loader, builds0: int | None, redone: int, stage: str) -> int | None:
+    """The DALI pipeline builds inside a timed window (None for a loader without them).
+    Raises when there were any beyond the one rebuild that follows each batch the CPU path
+    redid: the window would time pipeline construction, not training steps."""
+    if builds0 is None:
+        return None
+    built = loader.builds - builds0
+    if built > redone:
+        raise RuntimeError(
+            f"bench train: {loader.backend} built its DALI pipelines {built} time(s) inside "
+            f"the timed window of stage {stage} ({redone} after a CPU-redone batch): the "
+            "window must continue the warm-up's pass, never start a loader pass anew")
+    return built
+
+
 def measure(cfg: Config, loader, runtime: Runtime, steps: int, warmup: int,
-            stage: str = "res3", flops: dict | None = None) -> dict:
+            stage: str = "res3", flops: dict | None = None, feed: Feed | None = None) -> dict:
     """The training assembly of `meld-dali train` (model, compile/DDP wrapper, Trainer) at
     one recipe stage: `warmup` optimizer steps (compilation included), then `steps` timed
-    ones. `flops` keeps the FLOP counts between calls: they depend on the shapes and the
-    stage only, never on the backend or the pixels."""
+    ones, all from `feed` (one is made, and closed, when not given). `flops` keeps the FLOP
+    counts between calls: they depend on the shapes and the stage only, never on the
+    backend or the pixels."""
     flops = {} if flops is None else flops
+    own = feed is None
+    feed = feed or Feed(loader)
     device = runtime.device
+    gc.collect()  # the last stage's model and optimizer are gone before this one's are made
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # ... and so is their memory (NVML sees the cached blocks)
     torch.manual_seed(0)
-    model = runtime.place(build_model(cfg.model))
+    base = build_model(cfg.model)
+    need = "forward" not in flops or stage not in flops
+    probe = copy.deepcopy(base) if need else None  # uncompiled, on the host until counted
+    model = runtime.place(base)
     model.set_trainable(STAGE_TRAINABLE[stage])
     trainer = Trainer(cfg, model, loader, loader, [1] * 7, runtime)
     B, T, S = cfg.train.batch_size, cfg.data.num_frames, cfg.data.crop_size
-    if "forward" not in flops:
-        flops["forward"] = forward_flops(model, T, S, device)
     graphs0 = dynamo_graphs()
     t0 = time.perf_counter()
-    trainer.train_one_epoch(max_steps=warmup)  # warm-up (and compilation)
-    warm_wall = time.perf_counter() - t0
-    w = trainer.take_stats()
-    graphs_warm = dynamo_graphs()
-    epoch_batches = len(loader)
-    with ResourceMonitor() as mon:
-        trainer.train_one_epoch(max_steps=steps)
-    s = trainer.take_stats()
+    try:
+        run_steps(trainer, feed, warmup)  # warm-up (and compilation)
+        warm_wall = time.perf_counter() - t0
+        w = trainer.take_stats()
+        graphs_warm = dynamo_graphs()
+        epoch_batches = len(loader)
+        builds0 = getattr(loader, "builds", None)
+        counts0, passes0 = loader.counts.copy(), feed.passes
+        with ResourceMonitor() as mon:
+            run_steps(trainer, feed, steps)  # the same pass: no loader start-up timed
+        s = trainer.take_stats()
+        counts = row_counts(loader, counts0)
+        built = check_builds(loader, builds0, counts["cpu_redone_batches"], stage)
+        boundaries = feed.passes - passes0
+    finally:
+        if own:
+            feed.close()
     graphs_end = dynamo_graphs()
     wall = s.data_wait + s.step_time
     share = s.data_wait / max(wall, 1e-9)
     clips_per_s = s.clips / max(wall, 1e-9)
-    if stage not in flops:  # a clip's training FLOPs at this stage (after the timing)
-        shaped = next(iter(SyntheticLoader.random(
-            B, T, S, B, device=device, dtype=runtime.video_dtype,
-            channels_last=runtime.channels_last)))
-        flops[stage] = train_step_flops(trainer, shaped) / B
+    if probe is not None:  # after the timing, on the uncompiled copy at this stage
+        criterion = trainer.criterion  # the trainer's loss (plain: never compiled)
+        del trainer, model
+        probe = uncompiled(runtime.place(probe))
+        probe.set_trainable(STAGE_TRAINABLE[stage])
+        if "forward" not in flops:
+            flops["forward"] = forward_flops(probe, T, S, device)
+        if stage not in flops:  # a clip's training FLOPs at this stage
+            shaped = next(iter(SyntheticLoader.random(
+                B, T, S, B, device=device, dtype=runtime.video_dtype,
+                channels_last=runtime.channels_last)))
+            flops[stage] = train_step_flops(probe, runtime, criterion, shaped) / B
+        del probe
     train_flops = flops[stage]
     achieved = clips_per_s * train_flops / 1e12
     peak = peak_tflops(device)
@@ -167,9 +274,11 @@ def measure(cfg: Config, loader, runtime: Runtime, steps: int, warmup: int,
             "data_wait_share": share, "step_time_s": s.step_time, "data_wait_s": s.data_wait,
             "verdict": "data-bound" if share > DATA_BOUND_SHARE else "compute-bound",
             "warmup_steps": warmup, "timed_steps": steps, "epoch_batches": epoch_batches,
-            # the timed window is one fresh pass of the loader (its start-up is timed, as at
-            # every epoch start) and never crosses an epoch's end: `steps` <= its batches
+            # the timed steps continue the warm-up's pass; a pass that ends inside the
+            # window starts the next one there (a DALI loader resets, never rebuilds)
             "epochs_in_window": s.clips / max(epoch_batches * B, 1),
+            "epoch_boundaries_in_window": boundaries,
+            **counts, "builds_in_window": built,
             "fwd_gflops_per_clip": flops["forward"] / 1e9,
             "train_gflops_per_clip": train_flops / 1e9,
             "achieved_tflops": achieved, "peak_tflops": peak,
@@ -226,8 +335,8 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
                    or backend_problem(backend, manifest, cfg.data.train_split, resolved))
             if not why:
                 _, loader, _ = build_loaders(cfg, manifest, runtime, Dist(), backend=backend)
-        if not why and len(loader) < steps:
-            why = f"dataset too small: {len(loader)} batches per epoch < {steps} timed steps"
+        if not why and len(loader) == 0:
+            why = "no training batch: the split has no clip this loader can read"
         if why:
             unavailable.append({**row, "reason": why})
             if progress:
@@ -238,12 +347,16 @@ def bench_train(cfg: Config, manifest: Manifest | None, backends: list[str], *, 
         if backend != "synthetic" and not peer:
             described = described or describe_input(manifest, cfg.data.train_split, resolved)
             row["input"] = described
-        for stage in stages:
-            results.append({**row, **measure(cfg, loader, runtime, steps, warmup, stage,
-                                             flops)})
-            if progress:
-                progress.advance(task)
-        del loader
+        feed = Feed(loader)  # one generator for every stage: no pass is left unfinished
+        try:
+            for stage in stages:
+                results.append({**row, **measure(cfg, loader, runtime, steps, warmup, stage,
+                                                 flops, feed)})
+                if progress:
+                    progress.advance(task)
+        finally:
+            feed.close()
+        del loader, feed
         gc.collect()  # its workers end before the next loader's start (see bench.loader)
     amp = cfg.train.amp if runtime.amp else "off"  # the runtime decides whether AMP runs
     if dataset is None and manifest is not None:
@@ -294,7 +407,8 @@ def render_table(report: dict):
                                        f", compile {s['compile']}")
                       + f", GPU: {report['env']['gpu']}; TFLOP/s: training FLOPs (2 per MAC) "
                       "per second, MFU: of the dense fp16/bf16 peak; PSS: peak memory of the "
-                      "process tree, GPU: peak device memory, both MB)",
+                      "process tree, GPU: peak device memory NVML "
+                      "lists for the process (in (): torch's allocations alone), both MB)",
                       with_unavailable(_caption(report), report))
     cols = ["loader", *(["variant"] if ab else []), "stage", "clips/s", "TFLOP/s", "MFU",
             "data wait", "verdict", "PSS", "GPU"]
@@ -306,11 +420,12 @@ def render_table(report: dict):
         if r.get("peer") and not line and t.rows:
             t.add_section()  # the peers below a line
         line = line or bool(r.get("peer"))
-        t.add_row(r["backend"], *([r.get("variant", "")] if ab else []), r["stage"],
+        t.add_row(redone_label(r["backend"], r), *([r.get("variant", "")] if ab else []),
+                  r["stage"],
                   f"{r['clips_per_s']:.2f}", f"{r['achieved_tflops']:.2f}",
                   f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-",
                   f"{r['data_wait_share']:.0%}", r["verdict"], f"{r['peak_mem_mb']:.0f}",
-                  f"{r['gpu_mem_peak_mb']:.0f}" if "gpu_mem_peak_mb" in r else "-")
+                  gpu_mem_cell(r))
     for u in report["unavailable"]:
         t.add_row(u["backend"], *([""] if ab else []), "-", "-", "-", "-", "-", "n/a", "-",
                   "-")  # the reasons are in the caption
@@ -324,5 +439,6 @@ def _caption(report: dict) -> str | None:
     peers = {r["backend"]: r for r in report["results"] if r.get("peer")}
     lines += [f"peer {name} ({r['source']}): {input_label(r['input'])}"
               for name, r in peers.items()]
+    lines += [f"warning: {w}" for w in redone_warnings(report["results"])]
     return "\n".join(lines) or None
 
