@@ -110,7 +110,8 @@ class Trainer:
         loader.set_epoch(self.epoch)
         done = loader.position.delivered  # > 0 when resumed mid-epoch
         self.reporter.epoch_start(self.epoch, total, min(done, total), self.stats.clips)
-        batches = self.dist.batches(loader)  # DDP: every rank runs the same micro-batches
+        # DDP: every rank runs the same micro-batches, and no more than the epoch's
+        batches = self.dist.batches(loader, limit=max(0, total - done))
         while done < total:  # resumed past a lowered step cap: the epoch is over at once
             size = min(accum, total - done)  # the last group may be partial
             trained = self.train_step(islice(batches, size), size, done)
