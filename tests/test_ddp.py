@@ -25,7 +25,7 @@ from meld_dali.inference import evaluate, load_for_inference
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.manifest import Manifest
 from meld_dali.runtime import Runtime
-from meld_dali.trainer import Trainer
+from meld_dali.trainer import Trainer, weights_digest
 from tests.faults import corrupt_in_place
 
 pytestmark = pytest.mark.slow
@@ -194,6 +194,24 @@ def test_ddp_agrees_without_a_sync_per_micro_batch(tmp_path):
     assert not torch.equal(w0["fc.weight"], BNNet().fc.weight)
 
 
+def test_workers_auto_shares_the_cores_among_local_ranks(monkeypatch):
+    """loader.workers auto: the cores this process may use over torchrun's local world
+    size (each rank a share, not every core of the node), at least 1; a number is kept."""
+    from meld_dali.config import schema
+
+    monkeypatch.setattr(schema, "cpu_cores", lambda: 16)
+    cfg = load_config(None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cfg.loader.workers == "auto" and cfg.loader.num_workers == 16
+    for ranks, workers in (("1", 16), ("2", 8), ("3", 5), ("16", 1), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert cfg.loader.num_workers == workers, ranks
+    monkeypatch.setattr(schema, "cpu_cores", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cfg.loader.num_workers == 1
+    assert load_config(None, ["loader.workers=3"]).loader.num_workers == 3
+
+
 SMALL = ["data.num_frames=4", "train.batch_size=2", "loader.workers=0", "model.hidden=[32, 16]",
          "loader.backend=torch", "train.checkpoint_every_steps=1", "tracking.wandb=false",
          "train.accum_steps=3"]
@@ -239,7 +257,8 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     2. resuming that mid-epoch checkpoint on 1 process is refused in one line;
     3. with both clips of rank 1's last batch corrupted, the resumed 2-process run ends
        the epoch on both ranks where rank 1 runs out (no hang), applies the group cut short
-       with gradients averaged over ranks (the ranks' weights stay equal), reports the clips;
+       with gradients averaged over ranks (every parameter and buffer equal on both ranks),
+       reports the clips;
     4. that epoch-boundary checkpoint resumes on 1 process with a warning."""
     root = tmp_path / "raw"
     shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns(
@@ -287,7 +306,9 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     for path in bad:
         corrupt_in_place(path)
     log = tmp_path / "run2.log"
-    out = finish(torchrun_popen(run, root, log), log)
+    proc = torchrun_popen(run, root, log)
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
     assert "skipped clip" in out and all(p.name in out for p in bad), out[-4000:]
     assert f"ends at micro-batch {n_batches - 1} of {n_batches} on every rank" in out, out[-4000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -297,7 +318,10 @@ def test_ranks_stay_in_step(synth_root, tmp_path, caplog):
     assert saved["train"]["step"] == steps and saved["train"]["epoch"] == 1
     assert [(r["loader"]["epoch"], r["loader"]["delivered"]) for r in saved["ranks"]] == [
         (1, 0), (1, 0)]
-    # each rank scored its dev shard with its own weights: equal to rank 0's if in sync
+    # the ranks' weights, every parameter and buffer, gathered as digests before they scored
+    # their shards: equal, and equal to the weights this checkpoint holds (rank 0's)
+    assert saved["train"]["rank_weights"] == [weights_digest(saved["model"])] * 2
+    # the gathered dev metrics equal a single-process evaluation of those weights
     single = evaluate(load_for_inference(run / "checkpoints" / "last.pt", "cpu"), root, "dev",
                       backend="torch")
     for key in ("accuracy", "macro_f1", "weighted_f1", "confusion"):
