@@ -30,10 +30,13 @@ from tests.faults import corrupt_in_place
 
 pytestmark = pytest.mark.slow
 
+# torchrun of this interpreter: its script, or the module where no script was installed
+_SCRIPT = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+TORCHRUN = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "torch.distributed.run"]
+
 
 def torchrun(run, synth_root, epochs):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "meld_dali", "train",
+    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "meld_dali", "train",
             "--config", "demo", "--data", str(synth_root), "--out", str(run), "--resume", "auto",
             "--set", f"train.epochs={epochs}", "--set", "data.num_frames=4",
             "--set", "train.batch_size=4", "--set", "loader.workers=0",
@@ -219,8 +222,7 @@ SMALL = ["data.num_frames=4", "train.batch_size=2", "loader.workers=0", "model.h
 
 def torchrun_popen(run, root, log, extra=()):
     """2 workers in their own session (a hang is killed as a group), output to `log`."""
-    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    args = [exe, "--standalone", "--nproc_per_node=2", "-m", "meld_dali", "train", "--config",
+    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "meld_dali", "train", "--config",
             "demo", "--data", str(root), "--out", str(run), "--resume", "auto"]
     for s in [*SMALL, "train.epochs=1", *extra]:
         args += ["--set", s]
