@@ -8,8 +8,10 @@ the number of processes. Every rank calls a collective at the same point of the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
 import torch
 from torch import nn
@@ -51,9 +53,14 @@ class Dist:
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Every rank takes rank 0's buffers (BatchNorm statistics)."""
 
-    def batches(self, loader: Iterable) -> Iterator:
-        """The loader's batches while every rank has one (a generator: `close` ends it)."""
-        yield from loader
+    def batches(self, loader: Iterable, limit: int | None = None) -> Iterator:
+        """The loader's batches while every rank has one, at most `limit` (the same on every
+        rank) of them: a generator, `close` ends it."""
+        it = iter(loader)
+        try:
+            yield from islice(it, limit)
+        finally:
+            _close(it)
 
 
 class DDP(Dist):
@@ -62,6 +69,7 @@ class DDP(Dist):
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.device = torch.device("cpu")
+        self.flags = None  # a gloo group for the flags: CPU tensors, never a GPU sync
 
     def start(self, device: torch.device) -> torch.device:
         import torch.distributed as tdist
@@ -71,7 +79,11 @@ class DDP(Dist):
             torch.cuda.set_device(device)
         if not tdist.is_initialized():
             tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.device = device  # where the flags of `agree` live (NCCL needs CUDA tensors)
+        # the flags (`agree`, `batches`) go over their own gloo group: reading an NCCL
+        # result would wait for every kernel queued before it, and a flag on the default
+        # group would queue behind the gradient all-reduce
+        self.flags = tdist.new_group(backend="gloo")
+        self.device = device
         return device
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -89,8 +101,9 @@ class DDP(Dist):
     def agree(self, flag: bool, any_rank: bool = False) -> bool:
         import torch.distributed as tdist
 
-        t = torch.tensor([int(flag)], device=self.device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if any_rank else tdist.ReduceOp.MIN)
+        t = torch.tensor([int(flag)])  # on the host: `item` waits for no GPU work
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if any_rank else tdist.ReduceOp.MIN,
+                         group=self.flags)
         return bool(t.item())
 
     def gather(self, obj) -> list:
@@ -114,15 +127,52 @@ class DDP(Dist):
         for buf in model.buffers():
             tdist.broadcast(buf, src=0)
 
-    def batches(self, loader: Iterable) -> Iterator:
-        # a skipped clip can leave a rank a batch short; DDP needs every rank in every step,
-        # so all stop where the first runs out (one tiny all-reduce per micro-batch)
+    def batches(self, loader: Iterable, limit: int | None = None) -> Iterator:
+        # A skipped clip can leave a rank a batch short; DDP needs every rank in every step,
+        # so all stop where the first runs out. The flag "I have batch k+1" is fetched and
+        # its all-reduce started (async, on the host) before batch k is handed out; its
+        # result is read when batch k+1 is due, a micro-batch of compute later, by when every
+        # rank has sent it: no host sync per micro-batch, the loader stays one batch ahead.
+        # `limit` (the same on every rank) keeps it from decoding a batch past the step cap.
+        import torch.distributed as tdist
+
         it = iter(loader)
-        while True:
+        holds = hasattr(loader, "held")  # a ClipLoader: what a save records (see below)
+        left = float("inf") if limit is None else limit
+
+        def fetch():
+            nonlocal left
+            if left <= 0:
+                return None
+            left -= 1
             batch = next(it, None)
-            if not self.agree(batch is not None):
-                return
-            yield batch
+            have = torch.tensor([int(batch is not None)])
+            work = tdist.all_reduce(have, op=tdist.ReduceOp.MIN, group=self.flags,
+                                    async_op=True)
+            return batch, have, work
+
+        try:
+            ahead = fetch()
+            while ahead is not None:
+                batch, have, work = ahead
+                work.wait()  # sent a micro-batch ago: done, in the common case
+                if not have.item():  # a CPU tensor: no GPU sync
+                    return
+                mark = dataclasses.replace(loader.position) if holds else None
+                ahead = fetch()
+                if holds:  # a save before the batch ahead is handed out takes it again
+                    loader.held = mark if ahead is not None else None
+                yield batch
+        finally:
+            _close(it)  # the loader pass ends with this generator
+            if holds:
+                loader.held = None
+
+
+def _close(it: Iterator) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 def from_env() -> Dist:

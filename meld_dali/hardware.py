@@ -57,6 +57,14 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_ranks() -> int:
+    """The processes torchrun starts on this node (LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError:
+        return 1
+
+
 # ----------------------------------------------------------------------------- decoders
 
 

@@ -11,6 +11,7 @@ reports (EpochReporter) and how a split is scored (evaluation) live in their own
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from collections.abc import Iterable
@@ -58,6 +59,7 @@ class Trainer:
         self.epoch, self.step = 0, 0  # epochs completed, optimizer steps taken
         self.stats = EpochStats()
         self.stop_requested = False
+        self.rank_weights: list[str] = []  # each rank's weights_digest at the last evaluation
         self.run_lock = None  # the run folder's lock (launch.build_trainer takes it)
 
     def set_stages(self, stages: set[str]) -> None:
@@ -110,7 +112,8 @@ class Trainer:
         loader.set_epoch(self.epoch)
         done = loader.position.delivered  # > 0 when resumed mid-epoch
         self.reporter.epoch_start(self.epoch, total, min(done, total), self.stats.clips)
-        batches = self.dist.batches(loader)  # DDP: every rank runs the same micro-batches
+        # DDP: every rank runs the same micro-batches, and no more than the epoch's
+        batches = self.dist.batches(loader, limit=max(0, total - done))
         counted = loader.counts.copy()  # who made the batches: the backend or the CPU path
         while done < total:  # resumed past a lowered step cap: the epoch is over at once
             size = min(accum, total - done)  # the last group may be partial
@@ -207,6 +210,7 @@ class Trainer:
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         self.dist.broadcast_buffers(self.model)  # every shard scored with rank 0's BatchNorm
+        self.check_ranks_agree()
         on_batch = self.reporter.eval_start(f"epoch {self.epoch - 1} {self.cfg.data.eval_split}",
                                             len(self.eval_loader))
         # the model itself, not DDP's wrapper: each rank scores its own shard, no collectives
@@ -219,6 +223,19 @@ class Trainer:
         metrics.update(eval_backend_batches=made.backend_batches,
                        eval_cpu_redone_batches=made.cpu_redone_batches)
         return metrics, predictions
+
+    def check_ranks_agree(self) -> None:
+        """DDP: every rank holds the same weights, every parameter and buffer bit for bit,
+        before each scores its shard with them (gathered metrics of several models would be
+        no model's). Identical gradients and steps keep them equal: a difference is a bug,
+        and the run stops on every rank."""
+        if self.dist.world == 1:
+            return
+        self.rank_weights = self.dist.gather(weights_digest(self.model.state_dict()))
+        odd = [r for r, d in enumerate(self.rank_weights) if d != self.rank_weights[0]]
+        if odd:
+            raise RuntimeError(f"after epoch {self.epoch - 1} the weights of rank(s) "
+                               f"{odd} differ from rank 0's: DDP kept the ranks apart (a bug)")
 
     # ------------------------------------------------------------------ state
 
@@ -263,10 +280,12 @@ class Trainer:
     def state_dict(self) -> dict:
         """The train counters: epochs done, optimizer steps, the running epoch's figures.
         The unfreezing stage is not stored: it derives from the epoch."""
-        return {"epoch": self.epoch, "step": self.step, "epoch_stats": self.stats.state_dict()}
+        return {"epoch": self.epoch, "step": self.step, "epoch_stats": self.stats.state_dict(),
+                "rank_weights": self.rank_weights}
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch, self.step = sd["epoch"], sd["step"]
+        self.rank_weights = list(sd.get("rank_weights", []))
         self.stats = EpochStats()
         self.stats.load_state_dict(sd["epoch_stats"])
         self.set_stages(stages_for_epoch(self.cfg.train, self.epoch))
@@ -309,3 +328,13 @@ class Trainer:
             torch.cuda.synchronize(self.runtime.device)
         self.stats.flush()
         return time.perf_counter() - t
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state_dict (every parameter and buffer: names, dtypes, shapes
+    and bytes): equal digests are equal weights."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

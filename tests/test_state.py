@@ -83,7 +83,8 @@ def test_checkpoint_is_one_entry_per_part_and_nothing_twice(tmp_path):
     ckpt = tr.checkpoint()
     assert set(ckpt) == {"format", "version", "emotions", "config", "train", "model",
                          "optimizer", "scheduler", "scaler", "early_stop", "reporter", "ranks"}
-    assert set(ckpt["train"]) == {"epoch", "step", "epoch_stats"}
+    assert set(ckpt["train"]) == {"epoch", "step", "epoch_stats", "rank_weights"}
+    assert ckpt["train"]["rank_weights"] == []  # one process: no ranks to compare
     assert ckpt["train"]["epoch"] == 1 and ckpt["train"]["step"] == 3
     assert [r["epoch"] for r in ckpt["reporter"]["history"]] == [0]
     (rank,) = ckpt["ranks"]  # one process: one rank's loader position and RNG states

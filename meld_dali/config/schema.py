@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from meld_dali.hardware import cpu_cores
+from meld_dali.hardware import cpu_cores, local_ranks
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,9 @@ class LoaderConfig(BaseModel):
     model_config = Section
 
     backend: Literal["auto", Backend] = "auto"
-    # DataLoader workers / DALI threads; auto = the CPU cores this process may use
-    # (`num_workers`), so PyTorch never warns that there are more workers than cores
+    # DataLoader workers / DALI threads; auto = the CPU cores this process may use, shared
+    # by the ranks torchrun starts on the node (`num_workers`, at least 1), so PyTorch never
+    # warns that there are more workers than cores and no rank takes every core of the node
     workers: Annotated[Literal["auto"] | int, PlainValidator(_auto_or_count)] = "auto"
     prefetch: Count = 2
     # DALI: pipelines (decode sessions) per loader, each decoding a share of every batch;
@@ -181,8 +182,10 @@ class LoaderConfig(BaseModel):
 
     @property
     def num_workers(self) -> int:
-        """`workers` as a number: auto resolved on this machine."""
-        return cpu_cores() if self.workers == "auto" else self.workers
+        """`workers` as a number: auto resolved on this machine, for each local rank."""
+        if self.workers != "auto":
+            return self.workers
+        return max(1, cpu_cores() // local_ranks())
 
 
 class ModelConfig(BaseModel):

@@ -145,6 +145,9 @@ class ClipLoader:
     def __init__(self, batch_size: int, seed: int = 0):
         self.batch_size, self.seed = batch_size, seed
         self.position = Position()
+        # where a save puts the loader while its consumer holds a batch it took ahead and
+        # has not used yet (DDP's `batches` runs one batch ahead): before that batch
+        self.held: Position | None = None
         self.failures: list[ClipFailure] = []
         # since the loader was made (not saved: a resumed run counts its own batches);
         # per epoch: the difference of two copies
@@ -183,7 +186,7 @@ class ClipLoader:
         log.warning("skipped clip %s (manifest row %d): %s", f.path, f.index, f.error)
 
     def state_dict(self) -> dict:
-        p = self.position
+        p = self.held or self.position
         return {"epoch": p.epoch, "consumed": p.consumed, "delivered": p.delivered,
                 "seed": self.seed}
 
