@@ -40,7 +40,6 @@ BACKENDS = ["dali-gpu", "dali-cpu", "torch"]
 
 @pytest.mark.slow
 def test_bench_loader_schema_table_and_plot(synth_vp9, tmp_path):
-    pytest.importorskip("nvidia.dali")
     cfg = load_config("demo", ["data.num_frames=8", "loader.workers=2"])
     report = bench_loader(Manifest.load(synth_vp9), cfg.data, cfg.loader, BACKENDS,
                           ["video", "frames"], batches=2, repeats=2, warmup=1, batch_size=4,
@@ -268,7 +267,6 @@ def test_bench_train_dali_window_continues_the_warmup_pass(synth_vp9):
     pass that ends inside the window resets the pipelines: none is built inside the window
     (bench train raises otherwise), and DALI made every timed batch. The head stage: the
     cheapest steps on a CPU (no backward through the backbone)."""
-    pytest.importorskip("nvidia.dali")
     cfg = load_config("demo", ["data.num_frames=4", "data.crop_size=32", "data.short_side=36",
                                "train.batch_size=8", "loader.workers=1", "loader.prefetch=1",
                                "model.hidden=[32, 16]"])

@@ -217,7 +217,6 @@ def test_clip_that_cannot_be_reencoded_is_reported_and_kept(tiny_root, tmp_path)
 
 
 def test_mjpeg_cache_decodes_with_dali_cpu(tmp_path):
-    pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
     src = write_clip(tmp_path / "src.mp4", textured(36, 96, 64))
@@ -270,14 +269,19 @@ def _eval_batches(root: Path, source: str, backend: str = "torch"):
 
     cfg = load_config("demo", ["data.num_frames=8", "data.short_side=36", "loader.workers=1"])
     spec = LoaderSpec(Manifest.load(root), "dev", False, 4, seed=0, source=source)
-    return list(build_loader(spec, cfg.data, cfg.loader, backend))
+    loader = build_loader(spec, cfg.data, cfg.loader, backend)
+    batches = list(loader)
+    # the backend made every batch itself (a DALI batch redone by the CPU path would match
+    # the CPU reference exactly and hide DALI's result)
+    assert loader.counts.cpu_redone_batches == 0
+    assert loader.counts.backend_batches == len(batches)
+    return batches
 
 
 def test_loaders_read_the_cache_like_the_source(tiny_root, tmp_path):
     """auto picks the cache; every backend reads it with the same clips, frame indices and
     masks as the source videos, and eval values within the cache's tolerance (5/255 in
     pixels, ~0.09 in normalized units)."""
-    pytest.importorskip("nvidia.dali")
     from meld_dali.data.select import backend_problem, resolve_source
     from meld_dali.manifest import Manifest
 
