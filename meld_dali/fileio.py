@@ -4,7 +4,9 @@
   the target, fsync the folder. A reader (or a run resumed after a kill) sees the old file or
   the new one, never half of one; two writers never share a temp file; a write that fails
   (full disk, file too large, any error) removes its temp file and leaves the old file as it
-  was. Checkpoints, the manifest, the report, config.yaml and the metrics rewrite go here.
+  was. A SIGKILL mid-write runs no cleanup: its temp file (`name.<pid>-<random>.tmp`, which no
+  reader opens) is removed by the next atomic_write to the same target once process <pid> is
+  gone. Checkpoints, the manifest, the report, config.yaml and the metrics rewrite go here.
 - `append_line`: one fsynced line appended to a log (metrics.jsonl); `Journal`: many lines,
   fsynced every second (prepare's partial manifest).
 - `FolderLock`: one process at a time writes a run folder, a cache or a manifest folder
@@ -13,10 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +31,8 @@ from typing import IO
 
 from meld_dali.errors import UserError
 
-# a kill mid-write leaves `name.<random>.tmp` (or `stem.<random>.tmp.ext` for media files)
+# a kill mid-write leaves `name.<pid>-<random>.tmp` (or `name.<pid>-<random>.tmp.ext` for
+# media files): <pid> is the writer's, so a later writer can tell a dead one's leftover
 TMP_SUFFIX = ".tmp"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -50,12 +55,43 @@ def disk_full(path: str | Path, e: OSError) -> DiskFullError:
 
 
 def temp_path(path: str | Path, suffix: str = "") -> Path:
-    """A new, unique, empty temp file beside `path` (`name.<random>.tmp<suffix>`)."""
+    """A new, unique, empty temp file beside `path` (`name.<pid>-<random>.tmp<suffix>`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}-",
                                suffix=TMP_SUFFIX + suffix)
     os.close(fd)
     return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_leftovers(path: str | Path, suffix: str = "") -> list[Path]:
+    """Remove the temp files of writes to `path` that a kill cut short: the siblings named
+    as `temp_path` names them whose writer (the pid in the name) is no longer running. A live
+    writer's temp file is never touched; nothing else in the folder is either. Returns them."""
+    path = Path(path)
+    mine = re.compile(re.escape(path.name) + r"\.(\d+)-[A-Za-z0-9_]+"
+                      + re.escape(TMP_SUFFIX + suffix) + "$")
+    gone = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return gone
+    for name in names:
+        m = mine.match(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                (path.parent / name).unlink()
+                gone.append(path.parent / name)
+    return gone
 
 
 @contextmanager
@@ -66,6 +102,7 @@ def atomic_write(path: str | Path, mode: str = "w",
     ENOSPC/EFBIG/EDQUOT become a one-line DiskFullError; on any failure the temp file goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)  # what a SIGKILLed write to this file left
     tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:
