@@ -123,51 +123,81 @@ def atomic_write(path: str | Path, mode: str = "w",
     fsync_dir(path.parent)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line and fsync it: a kill afterwards cannot take it back (a kill during it
-    leaves at most a torn last line, which readers drop)."""
+    leaves at most a torn last line, which readers drop). A write that fails (a full disk)
+    cuts the file back to its lines before it: a torn tail left there would have the next
+    append glued onto it, and that good line lost with it."""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        with open(path, "a") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e) from None
-        raise
+        start = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            if e.errno in DISK_FULL:
+                raise disk_full(path, e) from None
+            raise
+    finally:
+        os.close(fd)
 
 
 class Journal:
     """Lines appended to a log that a resume reads back (prepare's partial manifest). One
     fsync per line would cost ~13,700 of them for MELD (minutes on a network disk): this
-    fsyncs at most every `every_s` seconds and at close, so a kill loses at most that much
-    work, which the resume redoes (a torn last line is dropped by the reader)."""
+    writes and fsyncs at most every `every_s` seconds and at close, so a kill loses at most
+    that much work, which the resume redoes (a torn last line is dropped by the reader). A
+    write that fails (a full disk) cuts the file back to the lines written before it, and
+    the journal writes nothing more."""
 
     def __init__(self, path: str | Path, every_s: float = 1.0):
         self.path, self.every_s = Path(path), every_s
-        self.f = open(self.path, "a")  # noqa: SIM115 - closed by close() / the with block
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self.size = os.fstat(self.fd).st_size  # whole lines end here
+        self.pending: list[str] = []
         self.synced = time.monotonic()
+        self.failed = False
 
     def append(self, line: str) -> None:
+        self.pending.append(line.rstrip("\n") + "\n")
+        if time.monotonic() - self.synced >= self.every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.failed:
+            return
+        data = "".join(self.pending).encode()
+        self.pending.clear()
         try:
-            self.f.write(line.rstrip("\n") + "\n")
-            if time.monotonic() - self.synced >= self.every_s:
-                self.sync()
+            _write_all(self.fd, data)
+            os.fsync(self.fd)
         except OSError as e:
+            self.failed = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
             if e.errno in DISK_FULL:
                 raise disk_full(self.path, e) from None
             raise
-
-    def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self.size += len(data)
         self.synced = time.monotonic()
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         try:
             self.sync()
         finally:
-            self.f.close()
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> Journal:
         return self
