@@ -4,16 +4,25 @@ whose holder was SIGKILLed, a `--frames` folder of someone's files, a rotated ph
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from meld_dali.errors import UserError
+from meld_dali.fileio import FolderLock
+from meld_dali.prepare import prepare
 from meld_dali.synth import SynthSpec, synth
-from tests.test_safety import ENV, one_line_error
+from tests.test_safety import ENV, one_line_error, train_args, tree_digest
 
 # ----------------------------------------------------------------------------- a full disk
 
@@ -144,3 +153,131 @@ def test_prepare_onto_a_full_disk_is_one_line(tmp_path, tmpfs_works):
                        size="1m", leave_kib=8)
     err = one_line_error(r)
     assert "no space left on the device" in err and "manifest.partial.jsonl" in err, err
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def test_frames_folder_of_someone_elses_files_is_refused_and_untouched(tmp_path):
+    """`prepare --frames DIR` replaces frame folders it finds (shutil.rmtree): a DIR holding
+    other files, even one named like a clip's frame folder, is refused before any work and
+    every file in it stays byte-identical; nothing is added to it."""
+    root = tmp_path / "raw"
+    synth(root, SynthSpec(clips=8, seed=9))
+    mine = tmp_path / "photos"
+    clip = next((root / "train").glob("*/*.mp4")).stem
+    (mine / "train" / clip).mkdir(parents=True)  # where that clip's frames would go
+    (mine / "train" / clip / "holiday.jpg").write_bytes(b"\xff\xd8 my holiday")
+    (mine / "notes.txt").write_text("mine\n")
+    before = tree_digest(mine)
+    with pytest.raises(UserError, match=r"--frames .*photos: the folder is not empty and is "
+                                        r"not a meld-dali frames folder"):
+        prepare(root, frames=mine, short_side=32, workers=1)
+    assert tree_digest(mine) == before
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "notes.txt", "train", f"train/{clip}", f"train/{clip}/holiday.jpg"]
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from meld_dali.fileio import FolderLock
+    lock = FolderLock(sys.argv[1], "run folder").acquire()  # held while this process lives
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.slow  # a real process, killed
+def test_a_lock_whose_holder_was_sigkilled_is_taken_again(tmp_path):
+    """The run folder's lock, held by a live process: refused, naming its pid; that process
+    SIGKILLed (no cleanup runs, the lock file stays): the next process takes the lock."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # bounded by the child's sleep
+        with pytest.raises(UserError, match=f"another meld-dali process \\(pid {holder.pid}\\)"):
+            FolderLock(run, "run folder").acquire()
+        holder.kill()
+        assert holder.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / FolderLock.NAME).exists()  # left behind: only the kernel's lock went
+    lock = FolderLock(run, "run folder").acquire()
+    assert (run / FolderLock.NAME).read_text() == f"{os.getpid()}\n"
+    lock.release()
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        pytest.skip("cannot become a child subreaper here")
+
+
+def run_processes(run: Path) -> list[int]:
+    """Live (not zombie) processes whose command line names the run folder."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["status"] != psutil.STATUS_ZOMBIE and \
+                    str(run) in " ".join(p.info["cmdline"] or []):
+                found.append(p.pid)
+    return found
+
+
+@pytest.mark.slow  # a real training process: ~20 s
+def test_a_sigkilled_train_leaves_no_dataloader_worker(synth_root, tmp_path):
+    """SIGKILL to `meld-dali train` (backend torch, 2 DataLoader workers) mid-epoch: the
+    workers are killed with it (PR_SET_PDEATHSIG), not left to notice by themselves; no
+    process of the run is left, and the run folder's lock can be taken again. This process
+    is the workers' subreaper meanwhile, so it sees how each one ended."""
+    run, log_path = tmp_path / "run", tmp_path / "train.log"
+    set_subreaper(True)
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "meld_dali",
+                 *train_args(synth_root, run, "train.epochs=20", "loader.workers=2")],
+                env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        deadline, workers = time.monotonic() + 300, []
+        while proc.poll() is None and time.monotonic() < deadline:
+            workers = psutil.Process(proc.pid).children()
+            if len(workers) >= 2 and "epoch 0 2/" in log_path.read_text():
+                break
+            time.sleep(0.05)
+        assert len(workers) >= 2 and proc.poll() is None, log_path.read_text()[-3000:]
+        proc.kill()  # the trainer alone, as the OOM killer or `kill -9 PID` would
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        ended = {}
+        deadline = time.monotonic() + 60  # a bound on the wait: they go at once or never
+        while len(ended) < len(workers) and time.monotonic() < deadline:
+            for w in workers:
+                if w.pid not in ended:
+                    with contextlib.suppress(ChildProcessError):
+                        pid, status = os.waitpid(w.pid, os.WNOHANG)
+                        if pid:
+                            ended[pid] = status
+            time.sleep(0.05)
+        left = [w.pid for w in workers if w.pid not in ended]
+        assert not left, f"workers left running 60 s after their parent was killed: {left}"
+        how = {pid: (os.WTERMSIG(s) if os.WIFSIGNALED(s) else f"exit {os.WEXITSTATUS(s)}")
+               for pid, s in ended.items()}
+        assert set(how.values()) == {signal.SIGKILL}, \
+            f"workers outlived their parent and left by themselves: {how}"
+        assert run_processes(run) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ChildProcessError):  # reap anything else reparented here
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        set_subreaper(False)
+    FolderLock(run, "run folder").acquire().release()  # the dead trainer's lock is gone
