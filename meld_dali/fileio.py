@@ -221,6 +221,7 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
     Safe because files written here are only ever replaced by a rename, never rewritten in
     place: replacing one later leaves the other as it was."""
     src, dst = Path(src), Path(dst)
+    remove_leftovers(dst)
     tmp = temp_path(dst)
     tmp.unlink()  # os.link wants a free name: a unique one nobody else will take
     try:
