@@ -281,3 +281,42 @@ def test_a_sigkilled_train_leaves_no_dataloader_worker(synth_root, tmp_path):
                 pass
         set_subreaper(False)
     FolderLock(run, "run folder").acquire().release()  # the dead trainer's lock is gone
+
+
+# ----------------------------------------------------------------------------- a phone clip
+
+
+@pytest.mark.slow  # builds the real SlowFast R50: a few seconds
+def test_predict_shows_a_rotated_clip_upright(tmp_path, monkeypatch):
+    """A clip stored landscape with display rotation 90 (what phones write): the frames
+    predict decodes are turned as the file says (portrait, the band that is on the left of
+    the stored frames at the bottom: 90 degrees counterclockwise), and its prediction is
+    that of the same clip written upright."""
+    import numpy as np
+    import torch
+
+    from meld_dali import inference
+    from meld_dali.config import load_config
+    from meld_dali.model import SlowFastMELD
+    from meld_dali.runtime import Runtime
+    from meld_dali.synth import write_video
+    from tests.test_safety import TINY
+
+    frames = np.zeros((6, 48, 64, 3), np.uint8)
+    frames[:, :, :16] = 255  # a white band on the left of the stored frames
+    rotated, upright = tmp_path / "rotated.mp4", tmp_path / "upright.mp4"
+    write_video(rotated, frames, rotation=90)
+    write_video(upright, np.ascontiguousarray(np.rot90(frames, 1, axes=(1, 2))))
+    cfg = load_config("demo", [*TINY, "model.pretrained="])
+    torch.manual_seed(0)
+    runtime = Runtime.resolve(cfg, torch.device("cpu"))  # as load_for_inference sets it up
+    loaded = inference.Loaded(runtime.place(SlowFastMELD(cfg.model)).eval(), cfg, {}, runtime)
+    seen, to_clip = [], inference.to_clip  # what predict hands the transforms
+    monkeypatch.setattr(inference, "to_clip", lambda raw, *a: seen.append(raw) or to_clip(raw, *a))
+    got, want = (inference.predict_file(loaded, p) for p in (rotated, upright))
+    assert "error" not in got, got
+    assert seen[0].shape[1:] == (64, 48, 3), seen[0].shape  # portrait, as displayed
+    assert seen[0][:, -16:].mean() > 200 and seen[0][:, :-16].mean() < 30
+    assert np.abs(seen[0].astype(int) - seen[1]).max() < 8  # the upright file's frames
+    assert list(got["probabilities"].values()) == pytest.approx(
+        list(want["probabilities"].values()), abs=1e-6)
