@@ -4,7 +4,9 @@
   the target, fsync the folder. A reader (or a run resumed after a kill) sees the old file or
   the new one, never half of one; two writers never share a temp file; a write that fails
   (full disk, file too large, any error) removes its temp file and leaves the old file as it
-  was. Checkpoints, the manifest, the report, config.yaml and the metrics rewrite go here.
+  was. A SIGKILL mid-write runs no cleanup: its temp file (`name.<pid>-<random>.tmp`, which no
+  reader opens) is removed by the next atomic_write to the same target once process <pid> is
+  gone. Checkpoints, the manifest, the report, config.yaml and the metrics rewrite go here.
 - `append_line`: one fsynced line appended to a log (metrics.jsonl); `Journal`: many lines,
   fsynced every second (prepare's partial manifest).
 - `FolderLock`: one process at a time writes a run folder, a cache or a manifest folder
@@ -13,10 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +31,8 @@ from typing import IO
 
 from meld_dali.errors import UserError
 
-# a kill mid-write leaves `name.<random>.tmp` (or `stem.<random>.tmp.ext` for media files)
+# a kill mid-write leaves `name.<pid>-<random>.tmp` (or `name.<pid>-<random>.tmp.ext` for
+# media files): <pid> is the writer's, so a later writer can tell a dead one's leftover
 TMP_SUFFIX = ".tmp"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -50,12 +55,43 @@ def disk_full(path: str | Path, e: OSError) -> DiskFullError:
 
 
 def temp_path(path: str | Path, suffix: str = "") -> Path:
-    """A new, unique, empty temp file beside `path` (`name.<random>.tmp<suffix>`)."""
+    """A new, unique, empty temp file beside `path` (`name.<pid>-<random>.tmp<suffix>`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}-",
                                suffix=TMP_SUFFIX + suffix)
     os.close(fd)
     return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_leftovers(path: str | Path, suffix: str = "") -> list[Path]:
+    """Remove the temp files of writes to `path` that a kill cut short: the siblings named
+    as `temp_path` names them whose writer (the pid in the name) is no longer running. A live
+    writer's temp file is never touched; nothing else in the folder is either. Returns them."""
+    path = Path(path)
+    mine = re.compile(re.escape(path.name) + r"\.(\d+)-[A-Za-z0-9_]+"
+                      + re.escape(TMP_SUFFIX + suffix) + "$")
+    gone = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return gone
+    for name in names:
+        m = mine.match(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                (path.parent / name).unlink()
+                gone.append(path.parent / name)
+    return gone
 
 
 @contextmanager
@@ -66,6 +102,7 @@ def atomic_write(path: str | Path, mode: str = "w",
     ENOSPC/EFBIG/EDQUOT become a one-line DiskFullError; on any failure the temp file goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)  # what a SIGKILLed write to this file left
     tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:
@@ -86,51 +123,81 @@ def atomic_write(path: str | Path, mode: str = "w",
     fsync_dir(path.parent)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line and fsync it: a kill afterwards cannot take it back (a kill during it
-    leaves at most a torn last line, which readers drop)."""
+    leaves at most a torn last line, which readers drop). A write that fails (a full disk)
+    cuts the file back to its lines before it: a torn tail left there would have the next
+    append glued onto it, and that good line lost with it."""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        with open(path, "a") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e) from None
-        raise
+        start = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            if e.errno in DISK_FULL:
+                raise disk_full(path, e) from None
+            raise
+    finally:
+        os.close(fd)
 
 
 class Journal:
     """Lines appended to a log that a resume reads back (prepare's partial manifest). One
     fsync per line would cost ~13,700 of them for MELD (minutes on a network disk): this
-    fsyncs at most every `every_s` seconds and at close, so a kill loses at most that much
-    work, which the resume redoes (a torn last line is dropped by the reader)."""
+    writes and fsyncs at most every `every_s` seconds and at close, so a kill loses at most
+    that much work, which the resume redoes (a torn last line is dropped by the reader). A
+    write that fails (a full disk) cuts the file back to the lines written before it, and
+    the journal writes nothing more."""
 
     def __init__(self, path: str | Path, every_s: float = 1.0):
         self.path, self.every_s = Path(path), every_s
-        self.f = open(self.path, "a")  # noqa: SIM115 - closed by close() / the with block
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self.size = os.fstat(self.fd).st_size  # whole lines end here
+        self.pending: list[str] = []
         self.synced = time.monotonic()
+        self.failed = False
 
     def append(self, line: str) -> None:
+        self.pending.append(line.rstrip("\n") + "\n")
+        if time.monotonic() - self.synced >= self.every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.failed:
+            return
+        data = "".join(self.pending).encode()
+        self.pending.clear()
         try:
-            self.f.write(line.rstrip("\n") + "\n")
-            if time.monotonic() - self.synced >= self.every_s:
-                self.sync()
+            _write_all(self.fd, data)
+            os.fsync(self.fd)
         except OSError as e:
+            self.failed = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
             if e.errno in DISK_FULL:
                 raise disk_full(self.path, e) from None
             raise
-
-    def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        self.size += len(data)
         self.synced = time.monotonic()
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         try:
             self.sync()
         finally:
-            self.f.close()
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> Journal:
         return self
@@ -154,6 +221,7 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
     Safe because files written here are only ever replaced by a rename, never rewritten in
     place: replacing one later leaves the other as it was."""
     src, dst = Path(src), Path(dst)
+    remove_leftovers(dst)
     tmp = temp_path(dst)
     tmp.unlink()  # os.link wants a free name: a unique one nobody else will take
     try:

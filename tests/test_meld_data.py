@@ -91,7 +91,8 @@ class Interrupt(Exception):
 
 
 class StopAfter:
-    """A progress sink that interrupts prepare after n probed clips (like Ctrl-C)."""
+    """A progress sink that raises out of prepare's probe loop after n probed clips: stops it
+    at an exact record (the torn-line test needs one); a real Ctrl-C is tested below."""
 
     def __init__(self, n):
         self.n = n
@@ -123,7 +124,73 @@ def test_a_torn_partial_line_costs_only_itself(tmp_path):
     assert report["resumed_probes"] == 17
 
 
-def test_interrupted_prepare_resumes_and_reuses(tmp_path):
+@pytest.mark.slow  # a real `meld-dali prepare` process and its pool, a real SIGINT
+def test_ctrl_c_mid_prepare_keeps_finished_work_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the whole foreground process group: prepare and its pool workers)
+    while the pool extracts frame folders: one line, exit 130, no manifest.json, no half-made
+    file or folder, no worker left; the partial manifest holds every probed clip, and the same
+    command finishes the job without probing or extracting again what was done."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    root, frames = tmp_path / "raw", tmp_path / "raw" / "frames"
+    synth(root, SynthSpec(clips=40, seed=3))
+    cmd = [sys.executable, "-m", "meld_dali", "prepare", str(root), "--frames", str(frames),
+           "--short-side", "48", "--workers", "2"]
+    env = {**os.environ, "COLUMNS": "200"}
+    log_path = tmp_path / "prepare.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own group, as a terminal's job
+
+    def made() -> list:
+        return [d for d in frames.glob("*/*") if d.is_dir() and ".tmp" not in d.name]
+
+    try:
+        deadline = time.monotonic() + 300
+        while not made() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # freeze the job where it is (as Ctrl-Z would) so the signal surely lands mid-pool
+        os.killpg(proc.pid, signal.SIGSTOP)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        done_before = len(made())
+        assert workers and 0 < done_before < 40, (done_before, log_path.read_text())
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        os.killpg(proc.pid, signal.SIGCONT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log_path.read_text()
+    assert rc == 130, out[-3000:]
+    assert "interrupted (SIGINT): finished work is kept; run the same command to continue" \
+        in out.replace("\n", " ") and "Traceback" not in out, out[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers left behind: {[p.pid for p in alive]}"
+    assert not (root / "manifest.json").exists()
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name], "a half-written file"
+    lines = (root / "manifest.partial.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines[1:]]
+    assert len(records) == 40 and "fingerprint" in json.loads(lines[0])  # every probe kept
+    kept = {d: (d / "000000.jpg").stat().st_mtime_ns for d in made()}
+    n = {r["key"]: r["num_frames"] for r in records}
+    for d in kept:  # each frame folder there is whole
+        assert len(list(d.glob("*.jpg"))) == n[f"{d.parent.name}/{d.name}"], d
+    assert len(kept) < 40, "nothing was left to do: the signal came too late"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((root / "prepare_report.json").read_text())
+    assert report["resumed_probes"] == 40
+    assert all((d / "000000.jpg").stat().st_mtime_ns == t for d, t in kept.items())
+    m = Manifest.load(root)
+    assert all(c.frames for c in m.clips) and len(m.clips) == 40
+
+
+def test_prepare_resumes_and_reuses_and_a_changed_input_invalidates(tmp_path):
     synth(tmp_path, SynthSpec(clips=30, seed=3))
     with pytest.raises(Interrupt):
         prepare(tmp_path, workers=1, progress=StopAfter(12))
@@ -137,9 +204,18 @@ def test_interrupted_prepare_resumes_and_reuses(tmp_path):
     assert strip(m.clips) == strip(m2.clips)
     _, again = prepare(tmp_path, workers=1)
     assert again["reused"]
-    # a changed input invalidates it
-    (tmp_path / "dev_sent_emo.csv").write_text(
-        (tmp_path / "dev_sent_emo.csv").read_text() + "")
+    # a changed input invalidates it: a label edited in the CSV (one byte), then a clip gone
+    csv_path = tmp_path / "dev_sent_emo.csv"
+    text = csv_path.read_text()
+    first_dev = next(c for c in m.clips if c.split == "dev")
+    edited = text.replace(f",{first_dev.emotion},", f",{EMOTIONS[(first_dev.label + 1) % 7]},", 1)
+    assert edited != text
+    csv_path.write_text(edited)
+    m_edit, edit = prepare(tmp_path, workers=1)
+    assert not edit["reused"] and edit["resumed_probes"] == 0
+    assert next(c for c in m_edit.clips if c.split == "dev").emotion != first_dev.emotion
+    _, again = prepare(tmp_path, workers=1)
+    assert again["reused"]
     victim = next(c for c in m.clips if c.split == "dev")
     m.video_path(victim).unlink()
     m3, changed = prepare(tmp_path, workers=1)

@@ -326,7 +326,7 @@ def test_group_sigterm_saves_and_the_printed_hint_resumes_bit_exact(synth_root, 
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers, "expected DataLoader worker processes"
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group: trainer and workers
-    assert proc.wait(timeout=300) in (0, 143)
+    assert proc.wait(timeout=300) == 0  # README: "prints the resume command and exits 0"
     out = log_path.read_text()
     assert "Traceback" not in out and "killed by signal" not in out, out[-3000:]
     assert "SIGTERM: finishing the current step, then saving" in out, out[-3000:]
@@ -401,12 +401,7 @@ def test_bad_csv_rows_and_odd_inputs_are_reported_not_fatal(raw_root, tmp_path):
     assert len(ids) == len(set(ids))
     assert [r["clip"] for r in rep["rotated"]] == [victim.stem]
     assert rep["rotated"][0]["rotation"] == 90
-    # predict shows it upright: the band turned to the bottom (90 degrees counterclockwise)
-    from meld_dali.data.decode import read_video_frames, upright
-
-    up = upright(read_video_frames(victim, np.arange(3)), 90)
-    assert up.shape == (3, 64, 48, 3)
-    assert up[:, -16:].mean() > 200 and up[:, :-16].mean() < 30
+    # what predict makes of it: tests/test_faults.py (predict shows a rotated clip upright)
     err = one_line_error(cli("train", "--config", tmp_path))
     assert "a folder, not a YAML file" in err
 

@@ -128,36 +128,94 @@ def test_a_checkpoint_of_the_flat_format_is_refused_in_one_line(tmp_path):
         ckpt_io.load_checkpoint(tmp_path / "old.pt")
 
 
+class Clock:
+    """The trainer's clock (`time.perf_counter`), which a save moves an hour ahead: time
+    spent saving is then unmistakable, whatever the machine's speed."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+
 class SlowSaver(ckpt_io.CheckpointSaver):
+    def __init__(self, folder, clock: Clock):
+        super().__init__(folder)
+        self.clock = clock
+
     def save_last(self, states, cfg):
-        time.sleep(0.3)
+        self.clock.offset += 3600.0  # an hour-long save, as the trainer's clock sees it
         super().save_last(states, cfg)
 
 
-def test_saving_is_not_counted_as_data_wait(tmp_path):
-    tr = tiny_trainer(1, saver=SlowSaver(tmp_path))
+def test_saving_is_not_counted_as_data_wait(tmp_path, monkeypatch):
+    import meld_dali.trainer
+
+    clock = Clock()
+    monkeypatch.setattr(meld_dali.trainer, "time", clock)
+    tr = tiny_trainer(1, saver=SlowSaver(tmp_path, clock))
     tr.cfg.train.checkpoint_every_steps = 1
-    tr.train_one_epoch()  # 3 steps, 3 saves: ~0.9 s that are neither data wait nor steps
+    tr.train_one_epoch()  # 3 steps, 3 saves: 3 h that are neither data wait nor steps
     stats = tr.take_stats()
-    assert (tmp_path / "last.pt").exists() and tr.step == 3
-    assert stats.data_wait < 0.3, stats
+    assert (tmp_path / "last.pt").exists() and tr.step == 3 and clock.offset == 3 * 3600
+    # the bound is on what is counted, not on speed: real waiting never comes near an hour
+    assert stats.data_wait < 3600, stats
+    assert stats.step_time < 3600, stats
 
 
+# a child that writes `target` through atomic_write for ever (64 KiB at a time, flushed, so
+# the temp file grows on disk) until it is killed
+SLOW_WRITER = """
+import sys, time
+from meld_dali.fileio import atomic_write
+with atomic_write(sys.argv[1], "wb", keep_previous=True) as f:
+    while True:
+        f.write(b"x" * 65536)
+        f.flush()
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.slow  # a real process, killed
 def test_a_write_killed_midway_leaves_the_old_file_whole(tmp_path):
-    """atomic_write (checkpoints, manifest, metrics): an error mid-write leaves the file it
-    would replace untouched, and keep_previous keeps the replaced one as `.prev`."""
-    from meld_dali.fileio import atomic_write
+    """A real SIGKILL to a process inside atomic_write (checkpoints, manifest, metrics): no
+    cleanup runs, yet the file it would replace is whole, the leftover temp file is not read
+    as a checkpoint, and the next write to that file removes it (a live writer's is kept)."""
+    import signal
+    import subprocess
+    import sys
 
-    target = tmp_path / "last.pt"
+    from meld_dali.checkpoint import resume_candidates
+    from meld_dali.fileio import temp_path
+
+    target = tmp_path / "checkpoints" / "last.pt"
     ckpt_io.atomic_save({"step": 1}, target)
-    with pytest.raises(RuntimeError), atomic_write(target, "wb", keep_previous=True) as f:
-        f.write(b"half a checkpoint")
-        raise RuntimeError("killed")
-    assert torch.load(target)["step"] == 1
-    assert not (tmp_path / "last.prev.pt").exists()
+    before = target.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)])
+    try:
+        deadline, tmps = time.monotonic() + 120, []
+        while time.monotonic() < deadline and child.poll() is None:
+            tmps = [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+            if tmps and tmps[0].stat().st_size > 0:
+                break
+            time.sleep(0.02)
+        assert tmps and tmps[0].stat().st_size > 0, "the child never started writing"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    (leftover,) = tmps
+    assert leftover.exists(), "a SIGKILL runs no cleanup: the temp file must still be there"
+    assert target.read_bytes() == before and torch.load(target)["step"] == 1
+    assert resume_candidates(tmp_path) == [target]  # the leftover is no checkpoint
+    live = temp_path(target)  # another writer, still running (this process): kept
     ckpt_io.atomic_save({"step": 2}, target, keep_previous=True)
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(
+        ["last.pt", "last.prev.pt", live.name])
     assert torch.load(target)["step"] == 2
-    assert torch.load(tmp_path / "last.prev.pt")["step"] == 1
+    assert torch.load(tmp_path / "checkpoints" / "last.prev.pt")["step"] == 1
 
 
 @pytest.mark.parametrize("links", [True, False])
