@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         step("cuda", lambda: {"ok": False, "error": "no CUDA device is visible"}, proof=True)
         return 1
 
-    from meld_dali.bench.common import ensure_bench_data
+    from meld_dali.bench.data import ensure_bench_data
 
     from meld_dali.config import load_config
     from meld_dali.hardware import nvcuvid_problem

@@ -242,7 +242,7 @@ def bench_data(data: Path | None, config, quick: bool = False) -> tuple[object, 
     """(manifest, dataset record) to benchmark on: --data, else a synthetic set made once
     under runs/: MELD-shaped (1280x720 H.264, MELD's clip lengths) or, with --quick, a small
     fast VP9 one; both with JPEG frame folders and a clip cache."""
-    from meld_dali.bench.common import ensure_bench_data
+    from meld_dali.bench.data import ensure_bench_data
     from meld_dali.launch import open_manifest
 
     if data is not None:

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 from meld_dali.bench.common import (
-    DATA_ROOTS,
-    MELD_SHAPED,
     ResourceMonitor,
-    bench_spec,
     describe_input,
     gpu_mem_cell,
     nvml_bus_id,
     process_gpu_bytes,
     result_path,
 )
+from meld_dali.bench.data import DATA_ROOTS, MELD_SHAPED, bench_spec
 from meld_dali.bench.loader import (
     auto_warmup,
     bench_loader,
