@@ -45,7 +45,24 @@ def test_multi_view_is_reported_beside_single_view(run, synth_root):
     result = evaluate(loaded, synth_root, "dev", backend="torch", views=(2, 3))
     mv = result["multi_view"]
     assert mv["views"] == {"temporal": 2, "spatial": 3} and mv["n"] == result["n"]
-    assert 0 <= mv["weighted_f1"] <= 1
+    # the figures, recomputed here: the multi-view probabilities (the loader's, checked
+    # against the per-clip definition below), the manifest's labels, scikit-learn's F1
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from meld_dali.data.base import LoaderSpec
+    from meld_dali.data.torch_loader import TorchLoader
+    from meld_dali.evaluation import predict_loader
+    from meld_dali.manifest import Manifest
+
+    m, cfg = Manifest.load(synth_root), loaded.cfg
+    spec = LoaderSpec(m, "dev", False, 4, cfg.train.seed, source="video", views=(2, 3))
+    _, probs, rows = predict_loader(loaded.model, TorchLoader(spec, cfg.data, cfg.loader),
+                                    loaded.runtime)
+    truth, pred = [m.clips[r].label for r in rows.tolist()], probs.argmax(1)
+    assert len(truth) == mv["n"]
+    assert mv["accuracy"] == pytest.approx(accuracy_score(truth, pred), abs=1e-12)
+    assert mv["weighted_f1"] == pytest.approx(
+        f1_score(truth, pred, labels=range(7), average="weighted", zero_division=0), abs=1e-12)
 
 
 def test_multi_view_probabilities_are_the_per_clip_definition(run, synth_root):

@@ -50,23 +50,39 @@ def model():
 
 
 @pytest.mark.slow
-def test_padded_frames_change_nothing(model):
-    """Whatever a backend leaves in padded frames, the delivered Batch (zero_padding, the
-    one place they are zeroed) gives the model the same input: the same prediction."""
+def test_the_mask_alone_tells_padding_from_real_frames(model):
+    """Padded frames reach the model as zeros (the Batch contract: zero_padding, in
+    ClipLoader.deliver). A clip of 3 real frames padded to 8 and a clip whose last 5 real
+    frames are black hold the same pixels; only the mask tells them apart, so their
+    predictions differ, and the padded clip's is the head over its valid steps alone
+    (3 fast steps, 1 slow step at alpha 4). A model that pools over every step, on either
+    pathway, fails this."""
     model.eval()
     g = torch.Generator().manual_seed(1)
     video = torch.randn(2, 3, 8, 32, 32, generator=g)
     mask = torch.ones(2, 8, dtype=torch.bool)
-    mask[0, 5:] = False
+    mask[0, 3:] = False
     noisy = video.clone()
-    noisy[0, :, 5:] = torch.randn(3, 3, 32, 32, generator=g) * 10
+    noisy[0, :, 3:] = torch.randn(3, 5, 32, 32, generator=g) * 10  # what a backend left
+    x = zero_padding(noisy, mask)
+    assert torch.equal(x[0, :, 3:], torch.zeros(3, 5, 32, 32))
     with torch.no_grad():
-        a, b = model(zero_padding(video, mask), mask), model(zero_padding(noisy, mask), mask)
-        assert a.shape == (2, 7)
-        assert torch.equal(a, b)
-        # ...but a change in a real frame does change the prediction
+        padded = model(x, mask)
+        black = model(x, torch.ones_like(mask))  # same pixels, every frame real
+        assert padded.shape == (2, 7)
+        assert torch.allclose(padded[1], black[1], atol=1e-5)  # clip 1 has no padding
+        assert not torch.allclose(padded[0], black[0], atol=1e-3)  # the mask decided
+        feats = [x[:, :, ::4], x]
+        for block in model.blocks:
+            feats = block(feats)
+        slow, fast = (f[0].mean(dim=(2, 3)) for f in feats)  # [C, T'] per pathway
+        assert slow.shape[1] == 2 and fast.shape[1] == 8
+        pooled = torch.cat([slow[:, :1].mean(1), fast[:, :3].mean(1)])  # valid steps only
+        want = model.head(pooled[None])[0]
+        assert torch.allclose(padded[0], want, atol=1e-5), (padded[0], want)
+        # ...and a change in a real frame does change the prediction
         noisy[0, :, 1] += 5
-        assert not torch.allclose(a[0], model(zero_padding(noisy, mask), mask)[0])
+        assert not torch.allclose(padded[0], model(zero_padding(noisy, mask), mask)[0])
 
 
 @pytest.mark.slow

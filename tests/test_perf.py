@@ -151,8 +151,13 @@ def test_bench_train_stages_all(synth_root):
             assert key in r
         assert r["mfu"] is None and r["nvdec_util"] is None  # CPU: no peak, no NVML
         assert 0 < r["epochs_in_window"] <= 1
+        assert r["clips"] == 3 * 2 and r["clips_per_s"] > 0  # 3 timed steps of 2 clips
+        assert 0 <= r["data_wait_share"] <= 1
     syn = {r["stage"]: r for r in rows if r["backend"] == "synthetic"}
-    # head only: no backward through the backbone. Fewer FLOPs per clip (exact) and faster
-    # (the FLOP gap is ~2.5x at this size, far above timing noise on a shared CPU)
+    # head only: no backward through the backbone, fewer FLOPs per clip (exact counts, not
+    # timings: which stage runs faster is `meld-dali bench`'s to measure, not a shared CPU's)
     assert syn["head"]["train_gflops_per_clip"] < 0.6 * syn["res3"]["train_gflops_per_clip"]
-    assert syn["head"]["clips_per_s"] > syn["res3"]["clips_per_s"]
+    # the wait is bounded, not the speed: in-memory batches keep the loop compute-bound
+    # (a share, so a busy machine slows both sides of it alike)
+    for r in syn.values():
+        assert r["data_wait_share"] < 0.5, r

@@ -1,5 +1,6 @@
 """Recipe pieces (schedule, early stopping, accumulation) and end-to-end runs on synth data."""
 
+import io
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from meld_dali.checkpoint import load_checkpoint
@@ -17,6 +19,7 @@ from meld_dali.data.base import SyntheticLoader
 from meld_dali.errors import UserError
 from meld_dali.launch import build_trainer, run_training
 from meld_dali.recipe import EarlyStopping, build_scheduler, stages_for_epoch
+from meld_dali.reporting import EpochReporter
 from meld_dali.runtime import Runtime
 from meld_dali.trainer import Trainer
 from tests.faults import corrupt_in_place
@@ -53,6 +56,33 @@ def test_early_stopping_rules():
     assert not es.should_stop(epoch=3)  # patience used up, but before min_epochs
     assert es.should_stop(epoch=5)
     assert es.update(0.306) and es.bad_epochs == 0 and not es.should_stop(epoch=9)
+
+
+@pytest.mark.parametrize(("patience", "min_epochs", "stops_after"), [
+    (2, 5, 5),  # patience runs out after epoch 2; min_epochs holds the run to 5 epochs
+    (3, 1, 4),  # min_epochs is no bar; patience (3 epochs without a gain) ends it
+])
+def test_early_stopping_ends_the_run(patience, min_epochs, stops_after):
+    """The Trainer's own loop stops a run before train.epochs, at the epoch the rules say,
+    and says why. min_delta=1 makes every epoch after the first one without a gain (weighted
+    F1 cannot rise by 1), so the stop epoch depends on the rules alone, not on learning."""
+    cfg = load_config(None, ["train.batch_size=4", "train.accum_steps=1", "train.epochs=10",
+                             "train.min_delta=1.0",
+                             f"train.patience={patience}", f"train.min_epochs={min_epochs}",
+                             "optim.class_weights=none"])
+    loader = SyntheticLoader.random(8, 4, 8, batch_size=4, seed=1)
+    out = io.StringIO()
+    reporter = EpochReporter(console=Console(file=out, force_terminal=False, width=200))
+    tr = Trainer(cfg, TinyNet(), loader, loader, [1] * 7, CPU, reporter=reporter)
+    result = tr.train()
+    assert result["epochs"] == tr.epoch == stops_after < cfg.train.epochs
+    assert [r["epoch"] for r in tr.history] == list(range(stops_after))
+    assert [r["best"] for r in tr.history] == [True] + [False] * (stops_after - 1)
+    assert tr.step == stops_after * 2  # no epoch ran past the stop (2 steps per epoch)
+    said = [ln for ln in out.getvalue().splitlines() if ln.startswith("early stop")]
+    assert said == [f"early stop: no weighted-F1 gain >= 1.0 for {patience} epochs "
+                    f"(best {tr.history[0]['weighted_f1']:.4f})"]
+    assert out.getvalue().rstrip().splitlines()[-1] == said[0]  # the last word of the run
 
 
 def test_unfreeze_schedule():
