@@ -1,6 +1,6 @@
 """`meld-dali synth`: a small MELD-shaped dataset that a video model can learn.
 
-Layout, CSV columns, class imbalance and clip lengths follow MELD (see shared/meld/README.md):
+Layout, CSV columns, class imbalance and clip lengths follow MELD (MELD's published statistics):
     OUT/train/train_sent_emo.csv     OUT/train/train_splits/dia{D}_utt{U}.mp4
     OUT/dev_sent_emo.csv             OUT/dev/dev_splits_complete/...
     OUT/test_sent_emo.csv            OUT/test/output_repeated_splits_test/...
@@ -29,7 +29,7 @@ from meld_dali.config import EMOTIONS
 from meld_dali.meld import CSV_HEADER, CSV_NAMES, VIDEO_DIRS
 from meld_dali.probe import run_parallel
 
-# MELD train class shares (shared/meld/README.md), in EMOTIONS order.
+# MELD train class shares (MELD's published statistics), in EMOTIONS order.
 CLASS_SHARE = {"neutral": 0.47, "surprise": 0.12, "fear": 0.027, "sadness": 0.068,
                "joy": 0.175, "disgust": 0.027, "anger": 0.111}
 SPLIT_SHARE = {"train": 0.6, "dev": 0.2, "test": 0.2}

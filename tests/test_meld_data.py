@@ -18,7 +18,7 @@ from meld_dali.synth import SynthSpec, synth
 
 from .conftest import MELD_CSV_DIR
 
-MELD_COUNTS = {  # shared/meld/README.md
+MELD_COUNTS = {  # MELD's published label counts
     "train": {"neutral": 4710, "joy": 1743, "surprise": 1205, "anger": 1109, "sadness": 683,
               "disgust": 271, "fear": 268},
     "dev": {"neutral": 470, "joy": 163, "surprise": 150, "anger": 153, "sadness": 111,

@@ -1,4 +1,4 @@
-"""The shape of the code base (DESIGN.md, "which part knows which"): imports run one way,
+"""The shape of the code base (docs/design.md, "Which part knows which"): imports run one way,
 lazy imports included; short modules."""
 
 import ast
