@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meld_dali.config import BACKENDS, SPLITS
 from meld_dali.errors import UserError
-from meld_dali.signals import Interrupted, install_cli_handlers
+from meld_dali.signals import Interrupted, install_cli_handlers, stop_with_launcher
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="GPU-fed (NVIDIA DALI) SlowFast training for video emotion recognition "
@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGINT/SIGTERM outside training (prepare, synth, bench, a run being assembled): one
     # line, finished work kept; training installs its own (finish the step, save, exit 0)
     install_cli_handlers()
+    stop_with_launcher()  # a rank under torchrun: SIGTERM when the launcher dies
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:

@@ -11,10 +11,18 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from itertools import islice
 
 import torch
 from torch import nn
+
+# How long a collective waits for the other ranks before it fails (gloo's default is 30
+# minutes, NCCL's 10): a rank whose peer is gone or stuck (its launcher killed, see
+# signals.stop_with_launcher) raises instead of hanging, and exits. Ranks never wait on each
+# other for long by design: rank 0's `prepare` is waited for by polling a file, not in a
+# collective, and hub pushes run in a thread.
+PG_TIMEOUT = timedelta(minutes=10)
 
 
 class Dist:
@@ -78,11 +86,12 @@ class DDP(Dist):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         if not tdist.is_initialized():
-            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                     timeout=PG_TIMEOUT)
         # the flags (`agree`, `batches`) go over their own gloo group: reading an NCCL
         # result would wait for every kernel queued before it, and a flag on the default
         # group would queue behind the gradient all-reduce
-        self.flags = tdist.new_group(backend="gloo")
+        self.flags = tdist.new_group(backend="gloo", timeout=PG_TIMEOUT)
         self.device = device
         return device
 

@@ -9,6 +9,9 @@
   foreground group) reaches them too, and a worker that died of it would turn a clean stop
   into a traceback. They die with their parent instead (PR_SET_PDEATHSIG), so a SIGKILLed
   `prepare` leaves no orphan behind.
+- Ranks under torchrun: torchrun starts each rank in a session of its own, so a signal to
+  the launcher's process group never reaches them. Each rank gets SIGTERM when the launcher
+  dies, however it dies (`stop_with_launcher`): the group stop above, on every rank at once.
 """
 
 from __future__ import annotations
@@ -83,15 +86,46 @@ def kill_workers_at_exit() -> None:
     atexit.register(kill_daemons)
 
 
+def _death_signal(sig: int) -> bool:
+    """Linux: `sig` to this process when its parent (the thread that started it) dies.
+    Whether it was armed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def worker_init(*_args) -> None:
     """In a worker process: ignore SIGINT/SIGTERM (the parent decides), and die with the
     parent (Linux: SIGKILL when it goes, however it goes)."""
     parent = os.getppid()
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
+
+
+def under_torchrun() -> bool:
+    """This process is a rank torchrun's agent started (its parent is that agent)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+@functools.cache
+def stop_with_launcher() -> bool:
+    """A rank under torchrun: SIGTERM when the launcher dies (SIGKILL to its group, the OOM
+    killer), the stop every rank already handles (finish the step, agree, save, exit), on
+    every rank together. Without it the ranks would train on, orphaned, holding the run
+    folder. A launcher gone before this was armed (this process already reparented): the
+    SIGTERM is sent at once. Call it first thing in the process; whether it was armed."""
+    if not under_torchrun():
+        return False
+    launcher = os.getppid()  # before arming: after it, a change means the launcher is gone
+    if not _death_signal(signal.SIGTERM):
+        return False
+    if os.getppid() != launcher:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -59,6 +59,7 @@ class Trainer:
         self.epoch, self.step = 0, 0  # epochs completed, optimizer steps taken
         self.stats = EpochStats()
         self.stop_requested = False
+        self.signalled = False  # a stop signal reached this process (request_stop)
         self.rank_weights: list[str] = []  # each rank's weights_digest at the last evaluation
         self.run_lock = None  # the run folder's lock (launch.build_trainer takes it)
 
@@ -74,11 +75,15 @@ class Trainer:
 
     def request_stop(self, why: str) -> bool:
         """Stop after the current optimizer step (a signal handler calls this). False if a
-        stop was already requested."""
-        if self.stop_requested:
+        signal had already reached this process: a second one interrupts at once. A stop
+        another rank asked for first (`agree_stop`) is no second signal here: the launcher's
+        death signals every rank at once."""
+        if self.signalled:
             return False
-        self.stop_requested = True
-        self.reporter.say(f"{why}: finishing the current step, then saving")
+        self.signalled = True
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.reporter.say(f"{why}: finishing the current step, then saving")
         return True
 
     # ------------------------------------------------------------------ the recipe
