@@ -251,3 +251,40 @@ def test_batches_are_pinned_by_the_dataloader(synth_root, monkeypatch):
     batches = [b for b, _ in dl]
     assert len(batches) == 2
     assert all(t.is_pinned() for b in batches for t in vars(b).values())
+
+
+class _SampledDecodes(torch.utils.data.Dataset):
+    """Item k: a train-sampled decode (8 of a clip's frames, stopping at the last) of
+    clip k % len(paths), as the loader's workers make them; returns the frames decoded."""
+
+    def __init__(self, paths, frames, n):
+        self.paths, self.frames, self.n = paths, frames, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        idx, mask = clip_indices(self.frames, 8, train=True, seed=1, epoch=k, row=k)
+        return len(read_video_frames(self.paths[k % len(self.paths)], idx[mask]))
+
+
+@pytest.mark.slow
+def test_decoders_never_stall_across_workers(tmp_path):
+    """Soak: 2,000 sampled decodes (each stopping before the end of its stream, the pattern
+    that stalls FFmpeg frame threading in loader workers) across 2 DataLoader workers with
+    the default decoder threading. Every batch must come within a generous bound (the
+    DataLoader's timeout: a stalled worker fails the test instead of hanging it; the bound
+    is on the wait, not the speed) and every decode return the frames asked for."""
+    from torch.utils.data import DataLoader
+
+    from meld_dali.synth import render_clip, write_video
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):  # small textured clips: decodes of a few ms, the soak stays cheap
+        paths.append(tmp_path / f"c{i}.mp4")
+        write_video(paths[-1], render_clip(i, 40, 320, 180, rng, texture=True), "h264")
+    n = 2000
+    dl = DataLoader(_SampledDecodes(paths, 40, n), batch_size=20, num_workers=2, timeout=120)
+    got = torch.cat([b for b in dl])
+    assert len(got) == n and bool((got == 8).all()), got.unique(return_counts=True)

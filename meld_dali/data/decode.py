@@ -21,16 +21,30 @@ from meld_dali.manifest import Manifest
 from meld_dali.transforms import AugParams, apply_clip, colour_affine, geometry
 
 SEEK_GAP = 96  # frames: skipping more than this many pays for a seek to a keyframe
+# How PyAV/FFmpeg threads a clip's decoder: "SLICE", "AUTO" (frame threading), "FRAME" or
+# "NONE" (one thread). Set by `threaded_decoding`; measured in bench/decoder_threads.py.
+THREADS = "AUTO"
+
+
+def threaded_decoding(stream, threads: str | None = None) -> None:
+    """Set `stream`'s decoder threading (`threads`, default THREADS)."""
+    threads = threads or THREADS
+    if threads == "NONE":
+        stream.thread_count = 1
+        stream.thread_type = "NONE"
+    else:
+        stream.thread_type = threads
 
 
 def read_video_frames(path: str | Path, indices: np.ndarray,
-                      seek_gap: int = SEEK_GAP) -> np.ndarray:
+                      seek_gap: int = SEEK_GAP, threads: str | None = None) -> np.ndarray:
     """Decode the frames at sorted `indices` (uint8 [k, H, W, 3]).
 
     Decoding streams forward and stops at the last wanted frame; across a gap of more than
     `seek_gap` frames (MELD's long outliers) it seeks to the keyframe before the next
     wanted frame and numbers frames by their timestamps from there. Frames a lying container
-    does not actually hold are returned as fewer rows."""
+    does not actually hold are returned as fewer rows. `threads`: the decoder's threading
+    (default THREADS)."""
     wanted = [int(i) for i in indices]
     out: list[np.ndarray] = []
     rgb = VideoReformatter()  # one conversion context per clip: `to_ndarray` makes one a frame
@@ -38,7 +52,7 @@ def read_video_frames(path: str | Path, indices: np.ndarray,
         stream = c.streams.video[0]
         if stream.codec_context.codec.intra_only:  # MJPEG: each frame decodes on its own
             return _stack(_intra_frames(c, stream, wanted, rgb))
-        stream.thread_type = "AUTO"
+        threaded_decoding(stream, threads)
         rate, tb = stream.average_rate, stream.time_base
         ticks = float(1 / (rate * tb)) if rate and tb else None  # pts ticks per frame
         t0 = stream.start_time or 0
