@@ -21,9 +21,19 @@ from meld_dali.manifest import Manifest
 from meld_dali.transforms import AugParams, apply_clip, colour_affine, geometry
 
 SEEK_GAP = 96  # frames: skipping more than this many pays for a seek to a keyframe
-# How PyAV/FFmpeg threads a clip's decoder: "SLICE", "AUTO" (frame threading), "FRAME" or
-# "NONE" (one thread). Set by `threaded_decoding`; measured in bench/decoder_threads.py.
-THREADS = "AUTO"
+# How PyAV/FFmpeg threads a clip's decoder: "NONE" (one thread), "SLICE", "AUTO" or "FRAME"
+# (frame threading). Never frame threading: the loader stops decoding before the end of the
+# stream, the pattern NVIDIA TAO found stalls loader workers. One thread, by measurement
+# (`python -m meld_dali.bench.decoder_threads`: sampled decodes of 32 of 75 frames per s,
+# textured H.264, 2 DataLoader workers = one per core on a 2-core box shared with other jobs,
+# load 6-10, medians of 3 and 5 interleaved rounds; run 1 / run 2):
+#   1280x720:            AUTO 3.6 / 2.0   SLICE 3.7 / 1.1   NONE 2.8 / 1.2
+#   456x256 (the cache): AUTO 15.4 / 16.4  SLICE 12.9 / 16.4  NONE 16.3 / 19.3
+# SLICE and NONE tie at 720p within the noise (x264 writes one slice a frame: slice threads
+# have nothing to share) and one thread wins on cache clips, where starting a thread pool
+# per clip costs more than it brings. In the main process (0 workers, run 1): 720p AUTO 1.4,
+# SLICE 1.1, NONE 1.7; 456x256 AUTO 12.7, SLICE 8.8, NONE 11.2.
+THREADS = "NONE"
 
 
 def threaded_decoding(stream, threads: str | None = None) -> None:
