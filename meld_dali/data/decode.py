@@ -26,13 +26,16 @@ SEEK_GAP = 96  # frames: skipping more than this many pays for a seek to a keyfr
 # stream, the pattern NVIDIA TAO found stalls loader workers. One thread, by measurement
 # (`python -m meld_dali.bench.decoder_threads`: sampled decodes of 32 of 75 frames per s,
 # textured H.264, 2 DataLoader workers = one per core on a 2-core box shared with other jobs,
-# load 6-10, medians of 3 and 5 interleaved rounds; run 1 / run 2):
-#   1280x720:            AUTO 3.6 / 2.0   SLICE 3.7 / 1.1   NONE 2.8 / 1.2
-#   456x256 (the cache): AUTO 15.4 / 16.4  SLICE 12.9 / 16.4  NONE 16.3 / 19.3
-# SLICE and NONE tie at 720p within the noise (x264 writes one slice a frame: slice threads
-# have nothing to share) and one thread wins on cache clips, where starting a thread pool
-# per clip costs more than it brings. In the main process (0 workers, run 1): 720p AUTO 1.4,
-# SLICE 1.1, NONE 1.7; 456x256 AUTO 12.7, SLICE 8.8, NONE 11.2.
+# medians of 3/5/3 interleaved rounds, load 6-8 / 6-10 / 3-5 in runs 1 / 2 / 3):
+#   1280x720:            AUTO 3.6 / 2.0 / 2.7     SLICE 3.7 / 1.1 / 2.6    NONE 2.8 / 1.2 / 2.4
+#   456x256 (the cache): AUTO 15.4 / 16.4 / 18.3  SLICE 12.9 / 16.4 / 20.0 NONE 16.3 / 19.3 / 18.3
+# SLICE and NONE tie within the noise (x264 writes one slice a frame: slice threads have
+# nothing to split, FFmpeg only starts a pool of them for each clip it opens). Frame
+# threading's lead at 720p (up to 1.3x, by running more threads than cores) is not taken:
+# the stall. One thread: no pool per clip, no oversubscription with a worker per core.
+# In the main process (0 workers,
+# runs 1 / 3): 720p AUTO 1.4 / 1.9, SLICE 1.1 / 2.0, NONE 1.7 / 1.8; 456x256 AUTO 12.7 / 15.9,
+# SLICE 8.8 / 18.1, NONE 11.2 / 17.7.
 THREADS = "NONE"
 
 
