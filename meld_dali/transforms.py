@@ -70,14 +70,15 @@ def colour_affine(p: AugParams, data: DataConfig) -> tuple[torch.Tensor, torch.T
     return b * c / (255 * std), (b * 0.5 * (1 - c) - mean) / std
 
 
-def apply_clip(frames: torch.Tensor, data: DataConfig, p: AugParams) -> torch.Tensor:
-    """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized.
+def geometry(frames: torch.Tensor, data: DataConfig, p: AugParams) -> np.ndarray:
+    """uint8 [t, 3, H, W] -> uint8 [t, crop, crop, 3]: resize, crop, flip and rotation, the
+    part of the augmentation that moves pixels (the CPU loader's workers stop here; the
+    colour + normalization affine is applied where the batch lands, `colour_affine`).
 
     Cheap where it can be (the CPU loader's cost on a clip cache is mostly here): frames
     already at the short side (cached clips, frame folders) come back from the resize
     untouched (torchvision returns its input when the size is unchanged); flip and rotation
-    in one OpenCV warp per frame (~4x faster than torchvision's grid sampling, same map);
-    colour and normalization in one multiply-add."""
+    in one OpenCV warp per frame (~4x faster than torchvision's grid sampling, same map)."""
     frames = F.resize(frames, [data.short_side], antialias=True)
     S = data.crop_size
     top, left = crop_box(frames.shape[-2], frames.shape[-1], S, p)
@@ -90,6 +91,14 @@ def apply_clip(frames: torch.Tensor, data: DataConfig, p: AugParams) -> torch.Te
                         for f in hwc])
     elif p.flip:
         hwc = hwc[:, :, ::-1]
+    return hwc
+
+
+def apply_clip(frames: torch.Tensor, data: DataConfig, p: AugParams) -> torch.Tensor:
+    """uint8 [t, 3, H, W] -> float32 [3, t, crop, crop], normalized: `geometry`, then
+    colour and normalization in one multiply-add. The float reference (`verify`, `predict`,
+    tests); the CPU loader delivers `geometry`'s uint8 and the affine instead."""
+    hwc = geometry(frames, data, p)
     x = torch.from_numpy(np.ascontiguousarray(hwc)).permute(3, 0, 1, 2).contiguous()
     scale, shift = (v.view(3, 1, 1, 1) for v in colour_affine(p, data))
     return torch.addcmul(shift, x.float(), scale)

@@ -263,7 +263,7 @@ class DaliLoader(ManifestLoader):
         read_failed, _ = self._take(run)
         self._close_pipelines()
         good = [p for k, p in enumerate(plans) if k not in read_failed]
-        batch, failures = collate([self.dataset.load(p) for p in good])
+        batch, failures = collate([self.dataset.load_raw(p) for p in good])
         for f in failures:
             self.report(f)
         if failures:

@@ -184,3 +184,107 @@ def test_intra_only_clips_decode_just_the_wanted_frames(tmp_path):
     idx, _ = clip_indices(n, 8, train=True, seed=0, epoch=0, row=0)
     assert np.array_equal(read_video_frames(path, idx), every[idx])
     assert len(read_video_frames(path, np.array([38, 39, 45]))) == 2  # beyond the end: fewer
+
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False),
+                                                 (torch.bfloat16, True)])
+def test_uint8_batches_normalized_at_delivery_equal_the_float_path(synth_root, dtype,
+                                                                   channels_last):
+    """The workers deliver uint8 clips and their affine; `deliver` normalizes them in the
+    training dtype and memory format. On the same plans (train aug: crop, flip, rotation,
+    colour; clips short enough to pad) the delivered batch is the float reference path's
+    (`ClipDataset.load` = `to_clip`, what verify compares against) cast to the dtype,
+    padded frames exactly 0."""
+    from meld_dali.data.torch_loader import ClipDataset
+
+    L, cfg = loader(synth_root, workers=1, T=32, dtype=dtype, channels_last=channels_last)
+    L.set_epoch(2)
+    m = L.spec.manifest
+    ref = ClipDataset(m, cfg.data, train=True, seed=3, source="video")
+    saw_padding = seen = 0
+    for b in L:
+        assert b.video.dtype == dtype
+        assert b.video.is_contiguous(memory_format=torch.channels_last_3d
+                                     if channels_last else torch.contiguous_format)
+        for k, row in enumerate(b.index.tolist()):
+            video, mask, label, _ = ref.load(ref.plan(2, row))
+            assert torch.equal(b.mask[k], mask) and int(b.label[k]) == label
+            want = video.to(dtype)
+            assert torch.count_nonzero(b.video[k][:, ~mask]) == 0
+            saw_padding += int((~mask).any())
+            # float32: the same multiply-add; bf16: the same rounding of the same float32
+            torch.testing.assert_close(b.video[k], want, rtol=1e-6, atol=1e-6)
+            seen += 1
+    assert seen == L.num_clips and saw_padding
+
+
+def test_batches_are_pinned_by_the_dataloader(synth_root, monkeypatch):
+    """collate's batch has `pin_memory()`, so the function a DataLoader's pin_memory thread
+    runs on each (batch, failures) pins the batch (torch pins only tensors, containers and
+    objects with that method: before, the batch went through unpinned). On CPU: that
+    function, with Tensor.pin_memory recorded (no pinned memory without a driver), pins
+    every tensor of the batch; where CUDA exists, a DataLoader's batches are pinned."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from meld_dali.data.base import RawBatch
+    from meld_dali.data.torch_loader import ClipDataset, collate
+
+    cfg = load_config("demo", ["data.num_frames=8"])
+    m = Manifest.load(synth_root)
+    rows = m.ok("train")[:4]
+    ds = ClipDataset(m, cfg.data, train=True, seed=3, source="video", raw=True)
+    batch, failures = collate([ds[(0, r)] for r in rows[:2]])
+    if not torch.cuda.is_available():
+        pinned = []
+        monkeypatch.setattr(torch.Tensor, "pin_memory",
+                            lambda t, *a: pinned.append(t.data_ptr()) or t.clone())
+        out, out_failures = pin_memory((batch, failures))
+        assert isinstance(out, RawBatch) and out_failures == failures
+        fields = vars(batch).values()
+        assert sorted(pinned) == sorted(t.data_ptr() for t in fields)
+        assert all(torch.equal(a, b) for a, b in zip(vars(out).values(), fields, strict=True))
+        pytest.skip("no CUDA here: the pin path ran on every tensor of the batch; that the "
+                    "DataLoader's batches end pinned is checked where CUDA exists")
+    dl = DataLoader(ds, batch_size=2, sampler=[(0, r) for r in rows], collate_fn=collate,
+                    num_workers=1, pin_memory=True)
+    batches = [b for b, _ in dl]
+    assert len(batches) == 2
+    assert all(t.is_pinned() for b in batches for t in vars(b).values())
+
+
+class _SampledDecodes(torch.utils.data.Dataset):
+    """Item k: a train-sampled decode (8 of a clip's frames, stopping at the last) of
+    clip k % len(paths), as the loader's workers make them; returns the frames decoded."""
+
+    def __init__(self, paths, frames, n):
+        self.paths, self.frames, self.n = paths, frames, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        idx, mask = clip_indices(self.frames, 8, train=True, seed=1, epoch=k, row=k)
+        return len(read_video_frames(self.paths[k % len(self.paths)], idx[mask]))
+
+
+@pytest.mark.slow
+def test_decoders_never_stall_across_workers(tmp_path):
+    """Soak: 2,000 sampled decodes (each stopping before the end of its stream, the pattern
+    that stalls FFmpeg frame threading in loader workers) across 2 DataLoader workers with
+    the default decoder threading. Every batch must come within a generous bound (the
+    DataLoader's timeout: a stalled worker fails the test instead of hanging it; the bound
+    is on the wait, not the speed) and every decode return the frames asked for."""
+    from torch.utils.data import DataLoader
+
+    from meld_dali.synth import render_clip, write_video
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):  # small textured clips: decodes of a few ms, the soak stays cheap
+        paths.append(tmp_path / f"c{i}.mp4")
+        write_video(paths[-1], render_clip(i, 40, 320, 180, rng, texture=True), "h264")
+    n = 2000
+    dl = DataLoader(_SampledDecodes(paths, 40, n), batch_size=20, num_workers=2, timeout=120)
+    got = torch.cat([b for b in dl])
+    assert len(got) == n and bool((got == 8).all()), got.unique(return_counts=True)

@@ -56,7 +56,8 @@ def test_lazy_loss_gives_the_same_epoch_average():
     assert stats.clips == 22 and stats.pending is None  # flushed at the end of the epoch
     assert stats.as_dict()["train_loss"] == pytest.approx(direct, rel=1e-12)
     state = stats.state_dict()  # checkpoints hold plain data
-    assert set(state) == {"loss_sum", "clips", "data_wait", "step_time"}
+    assert set(state) == {"loss_sum", "clips", "data_wait", "step_time", "backend_batches",
+                          "cpu_redone_batches"}
     assert all(isinstance(v, (int, float)) for v in state.values())
     restored = EpochStats()
     restored.load_state_dict(state)

@@ -41,6 +41,52 @@ class Batch:
         return Batch(video, self.mask.to(device, non_blocking=nb),
                      self.label.to(device, non_blocking=nb), self.index.to(device, non_blocking=nb))
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory: what a DataLoader's pin_memory thread calls
+        (it pins tensors, containers and objects with this method), so the copy to the GPU
+        can run asynchronously (`to(..., non_blocking)`)."""
+        return Batch(*(t.pin_memory() for t in (self.video, self.mask, self.label,
+                                                 self.index)))
+
+
+@dataclass
+class RawBatch:
+    """What the CPU loader's workers make: clips in uint8 (resized, cropped, flipped,
+    rotated; padded frames 0) and each clip's colour + normalization affine, applied where
+    the batch lands (`normalized`): a quarter of the float batch's bytes through shared
+    memory, the pinned buffer and the host-to-device copy, and no float pass on the CPU."""
+    video: torch.Tensor  # uint8 [B, 3, T, H, W] (channels-last in memory)
+    mask: torch.Tensor  # bool [B, T], True = real frame
+    label: torch.Tensor  # int64 [B]
+    index: torch.Tensor  # int64 [B], manifest row
+    scale: torch.Tensor  # float32 [B, 3]: normalized = video * scale + shift, per channel
+    shift: torch.Tensor  # float32 [B, 3]
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    def pin_memory(self) -> RawBatch:
+        return RawBatch(*(t.pin_memory() for t in (self.video, self.mask, self.label,
+                                                    self.index, self.scale, self.shift)))
+
+    def normalized(self, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False) -> Batch:
+        """The `Batch` on `device`: copied there in uint8, then one multiply-add in float32
+        written straight in `dtype` and the memory format asked for, its scale and shift 0
+        at padded frames, so those come out exactly 0 (0 * x + 0) in the same pass."""
+        device = torch.device(device)
+        nb = device.type == "cuda"
+        video = self.video.to(device, non_blocking=nb)
+        mask = self.mask.to(device, non_blocking=nb)
+        real = mask[:, None, :, None, None]  # [B, 1, T, 1, 1]
+        scale, shift = (torch.where(real, t.to(device, non_blocking=nb)[:, :, None, None, None],
+                                    0.0) for t in (self.scale, self.shift))
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        out = torch.empty(video.shape, dtype=dtype, device=device, memory_format=fmt)
+        torch.addcmul(shift, video, scale, out=out)
+        return Batch(out, mask, self.label.to(device, non_blocking=nb),
+                     self.index.to(device, non_blocking=nb))
+
 
 def zero_padding(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`video` [B, C, T, H, W] with the frames `mask` [B, T] marks padded set to exactly 0,
@@ -220,13 +266,16 @@ class ManifestLoader(ClipLoader):
         rows = self.rows(self.position.epoch)
         return [(r, v) for r in rows for v in self.views][self.position.consumed:]
 
-    def deliver(self, batch: Batch) -> Batch:
+    def deliver(self, batch: Batch | RawBatch) -> Batch:
         """A batch of any backend -> the training device, dtype and memory format, with its
-        padded frames exactly 0. The one place the Batch contract's zero padding is made:
-        every backend's batch passes here (a DALI graph normalizes its blank padded frames
-        to -mean/std; the CPU path's clips come padded), after the copy, so on a GPU it runs
-        where the DALI batch already is and costs no host pass over the pixels."""
+        padded frames exactly 0. The one place the Batch contract's normalization and zero
+        padding are made: every backend's batch passes here, after the copy, so on a GPU it
+        runs where the batch already is and costs no host pass over the pixels. The CPU
+        path's `RawBatch` (uint8, its affine beside it) is normalized here; a DALI batch
+        comes normalized, its blank padded frames at -mean/std, and is zeroed here."""
         s = self.spec
+        if isinstance(batch, RawBatch):
+            return batch.normalized(s.device, s.dtype, s.channels_last)
         b = batch.to(s.device, s.dtype, s.channels_last)
         return Batch(zero_padding(b.video, b.mask), b.mask, b.label, b.index)
 

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from meld_dali.config import DataConfig, LoaderConfig
-from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader
-from meld_dali.data.decode import clip_source_path, read_clip, to_clip
+from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader, RawBatch
+from meld_dali.data.decode import clip_source_path, read_clip, to_clip, to_clip_uint8
 from meld_dali.data.plan import CENTRE, ClipPlan, View, make_plan
 from meld_dali.manifest import Manifest
 from meld_dali.signals import kill_workers_at_exit, worker_init
@@ -19,12 +19,14 @@ from meld_dali.signals import kill_workers_at_exit, worker_init
 class ClipDataset(Dataset):
     """Items are (epoch, row) or (epoch, row, view): the epoch travels with the request, so
     persistent workers need no shared state and every (seed, epoch, row) gets the same
-    plan, made where the clip is loaded."""
+    plan, made where the clip is loaded. An item is `load`'s float clip, the reference
+    (`verify`), or with `raw` `load_raw`'s uint8 clip and affine (the CPU loader's)."""
 
     def __init__(self, manifest: Manifest, data: DataConfig, *, train: bool, seed: int,
-                 source: str):
+                 source: str, raw: bool = False):
         self.m, self.data, self.train, self.seed, self.source = (
             manifest, data, train, seed, source)
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.m.clips)
@@ -35,28 +37,54 @@ class ClipDataset(Dataset):
                          epoch=epoch, row=row, view=view)
 
     def __getitem__(self, item: tuple[int, int] | tuple[int, int, View]):
-        return self.load(self.plan(*item))
+        plan = self.plan(*item)
+        return self.load_raw(plan) if self.raw else self.load(plan)
 
-    def load(self, plan: ClipPlan):
-        """(video, mask, label, row) of a plan, or the ClipFailure that stopped it."""
+    def _read(self, plan: ClipPlan):
         clip = self.m.clips[plan.row]
         try:
-            frames = read_clip(self.m, clip, plan.indices[plan.mask], self.source)
+            return read_clip(self.m, clip, plan.indices[plan.mask], self.source)
         except Exception as e:  # noqa: BLE001 - a bad clip is skipped and reported
             path = clip_source_path(self.m, clip, self.source)
             return ClipFailure(plan.row, str(path), f"{type(e).__name__}: {e}")
+
+    def load(self, plan: ClipPlan):
+        """(video, mask, label, row) of a plan, the video float32 normalized (`to_clip`, the
+        CPU reference), or the ClipFailure that stopped it."""
+        frames = self._read(plan)
+        if isinstance(frames, ClipFailure):
+            return frames
         video, mask = to_clip(frames, self.data, plan.params)
-        return video, mask, clip.label, plan.row
+        return video, mask, self.m.clips[plan.row].label, plan.row
+
+    def load_raw(self, plan: ClipPlan):
+        """(video uint8, mask, label, row, scale, shift) of a plan (`to_clip_uint8`: what
+        the loaders deliver after `RawBatch.normalized` equals `load`'s video within float
+        rounding), or the ClipFailure that stopped it."""
+        frames = self._read(plan)
+        if isinstance(frames, ClipFailure):
+            return frames
+        video, mask, scale, shift = to_clip_uint8(frames, self.data, plan.params)
+        return video, mask, self.m.clips[plan.row].label, plan.row, scale, shift
 
 
-def collate(items) -> tuple[Batch | None, list[ClipFailure]]:
+def collate(items) -> tuple[Batch | RawBatch | None, list[ClipFailure]]:
+    """ClipDataset items -> (a Batch of `load`'s items or a RawBatch of `load_raw`'s, or
+    None when every clip failed; the failures). Both have `pin_memory()`, so a DataLoader
+    with pin_memory=True pins the batch (it pins what has that method, inside the tuple)."""
     failures = [it for it in items if isinstance(it, ClipFailure)]
     good = [it for it in items if not isinstance(it, ClipFailure)]
     if not good:
         return None, failures
-    video, mask, label, index = zip(*good, strict=True)
-    return Batch(_stack(video), torch.stack(mask), torch.tensor(label, dtype=torch.int64),
-                 torch.tensor(index, dtype=torch.int64)), failures
+    video, mask, label, index, *affine = zip(*good, strict=True)
+    mask = torch.stack(mask)
+    label, index = (torch.tensor(v, dtype=torch.int64) for v in (label, index))
+    if not affine:
+        return Batch(_stack(video), mask, label, index), failures
+    # uint8 [3, T, H, W] clips stored as [T, H, W, 3]: stacked in that order, one plain copy
+    thwc = _stack([v.permute(1, 2, 3, 0) for v in video])
+    scale, shift = (torch.stack(a) for a in affine)
+    return RawBatch(thwc.permute(0, 4, 1, 2, 3), mask, label, index, scale, shift), failures
 
 
 def _stack(tensors) -> torch.Tensor:
@@ -94,8 +122,9 @@ class TorchLoader(ManifestLoader):
 
     def __init__(self, spec: LoaderSpec, data: DataConfig, loader_cfg: LoaderConfig):
         super().__init__(spec)
+        # workers stop at uint8 clips; `deliver` normalizes them on the training device
         ds = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
-                         source=spec.source)
+                         source=spec.source, raw=True)
         workers = loader_cfg.num_workers
         self.sampler = _PassItems()
         # its own generator: creating an iterator must not draw from the global torch RNG,
