@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGINT/SIGTERM outside training (prepare, synth, bench, a run being assembled): one
     # line, finished work kept; training installs its own (finish the step, save, exit 0)
     install_cli_handlers()
-    stop_with_launcher()  # a rank under torchrun: SIGTERM when the launcher dies
+    stop_with_launcher()  # a rank under torchrun: a stop when the launcher dies
     try:
         app(args=argv, standalone_mode=True)
     except UserError as e:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:  # what was finished is kept: the same command resumes
         console.print(f"interrupted ({e}): finished work is kept; run the same command to "
                       "continue", highlight=False, soft_wrap=True)
-        sys.exit(143 if str(e) == "SIGTERM" else 130)
+        sys.exit(130 if str(e) == "SIGINT" else 143)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
   into a traceback. They die with their parent instead (PR_SET_PDEATHSIG), so a SIGKILLed
   `prepare` leaves no orphan behind.
 - Ranks under torchrun: torchrun starts each rank in a session of its own, so a signal to
-  the launcher's process group never reaches them. Each rank gets SIGTERM when the launcher
-  dies, however it dies (`stop_with_launcher`): the group stop above, on every rank at once.
+  the launcher's process group never reaches them. Each rank gets a signal of its own
+  (LAUNCHER_DIED) when the launcher dies, however it dies (`stop_with_launcher`): the group
+  stop above, on every rank at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A rank learns of its launcher's death by a signal of its own, not SIGTERM: the kernel sends
+# the parent-death signal again each time it hands the rank on to another thread of the dying
+# launcher (kernel/exit.c, forget_original_parent: a live thread of the same process is tried
+# first, and torchrun has several threads), so one death can arrive as several signals. As
+# SIGTERM the second would read as "stop now" and abort the stop's own save (measured: in 2
+# of 3 kills); as its own signal every copy is the same stop request. Its default action
+# terminates, as SIGTERM's does, so a rank killed before its handlers exist still goes.
+LAUNCHER_DIED = signal.SIGRTMIN + 1 if hasattr(signal, "SIGRTMIN") else signal.SIGTERM
+LAUNCHER_DIED_NAME = "torchrun died"
 
 
 class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
@@ -37,11 +47,17 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
+def _launcher_died(signum, frame):
+    raise Interrupted(LAUNCHER_DIED_NAME)
+
+
 def install_cli_handlers() -> None:
-    """SIGINT/SIGTERM raise Interrupted (the CLI reports it in one line)."""
+    """SIGINT/SIGTERM, and the launcher's death, raise Interrupted (the CLI reports it in one
+    line)."""
     with contextlib.suppress(ValueError):  # not the main thread: leave them be
         for s in STOP_SIGNALS:
             signal.signal(s, _raise_interrupted)
+        signal.signal(LAUNCHER_DIED, _launcher_died)
 
 
 @contextlib.contextmanager
@@ -52,10 +68,14 @@ def stop_on_signals(request_stop: Callable[[str], bool]):
         if not request_stop(signal.Signals(signum).name):
             raise Interrupted(signal.Signals(signum).name)
 
+    def launcher_died(signum, frame):  # every copy of the one death: the same request
+        request_stop(LAUNCHER_DIED_NAME)
+
     old = {}
     try:
         for s in STOP_SIGNALS:
             old[s] = signal.signal(s, handler)
+        old[LAUNCHER_DIED] = signal.signal(LAUNCHER_DIED, launcher_died)
     except ValueError:  # not the main thread: no handlers
         pass
     try:
@@ -116,16 +136,17 @@ def under_torchrun() -> bool:
 
 @functools.cache
 def stop_with_launcher() -> bool:
-    """A rank under torchrun: SIGTERM when the launcher dies (SIGKILL to its group, the OOM
-    killer), the stop every rank already handles (finish the step, agree, save, exit), on
-    every rank together. Without it the ranks would train on, orphaned, holding the run
-    folder. A launcher gone before this was armed (this process already reparented): the
-    SIGTERM is sent at once. Call it first thing in the process; whether it was armed."""
+    """A rank under torchrun: LAUNCHER_DIED when the launcher dies (SIGKILL to its group, the
+    OOM killer), handled as the stop every rank already handles (finish the step, agree,
+    save, exit), on every rank together. Without it the ranks would train on, orphaned,
+    holding the run folder. A launcher gone before this was armed (this process already
+    reparented): the signal is sent at once. Call it first thing in the process; whether it
+    was armed."""
     if not under_torchrun():
         return False
     launcher = os.getppid()  # before arming: after it, a change means the launcher is gone
-    if not _death_signal(signal.SIGTERM):
+    if not _death_signal(LAUNCHER_DIED):
         return False
     if os.getppid() != launcher:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), LAUNCHER_DIED)
     return True
