@@ -19,8 +19,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from meld_dali.errors import BackendFault  # noqa: F401 - raised by the loader, named here
-
 FAULT_LIMIT = 3  # decode failures in a row on clips the CPU path reads: the backend is broken
 
 # DALI names the failing operator: "Error in CPU operator `nvidia.dali.fn.decoders.video`,"

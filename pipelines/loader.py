@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterator
 
 import torch
-from meld_dali.pipelines.faults import FAULT_LIMIT, BackendFault, DaliFailure, classify
+from meld_dali.pipelines.faults import FAULT_LIMIT, DaliFailure, classify
 from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline
 from meld_dali.pipelines.sources import FILLER, FileReader, Pass, ShareSource
 from nvidia.dali import types
@@ -38,6 +38,7 @@ from meld_dali.data.base import Batch, LoaderSpec, ManifestLoader
 from meld_dali.data.decode import clip_source_path
 from meld_dali.data.plan import ClipPlan
 from meld_dali.data.torch_loader import ClipDataset, collate
+from meld_dali.errors import BackendFault
 from meld_dali.hardware import DECODERS, decodes, nvdec_engines
 
 log = logging.getLogger("meld_dali.pipelines")
@@ -45,6 +46,8 @@ log = logging.getLogger("meld_dali.pipelines")
 # and `deliver` casts on the GPU, half the bytes of a float32 round trip.
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16,
                torch.float32: types.FLOAT}
+
+
 def auto_pipelines(device: str, kind: str, device_index: int = 0) -> int:
     """How many pipelines (decode sessions) to run: for video on a GPU, one per NVDEC engine
     (hardware.GPUS; 2 on a GPU not in the table); else one."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 # DALI is a hard dependency (pyproject): these tests fail where it does not import, never skip
-from meld_dali.pipelines.faults import FAULT_LIMIT, BackendFault, classify
+from meld_dali.pipelines.faults import FAULT_LIMIT, classify
 from meld_dali.pipelines.loader import DaliLoader
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -20,7 +20,7 @@ from meld_dali.data.base import LoaderSpec
 from meld_dali.data.decode import read_video_frames
 from meld_dali.data.select import resolve_backend
 from meld_dali.data.torch_loader import TorchLoader
-from meld_dali.errors import UserError
+from meld_dali.errors import BackendFault, UserError
 from meld_dali.manifest import Manifest
 from meld_dali.synth import write_video
 
