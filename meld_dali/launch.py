@@ -84,7 +84,8 @@ def build_loaders(cfg: Config, manifest: Manifest, runtime: Runtime, dist: Dist,
                   device=runtime.device, dtype=runtime.video_dtype,
                   channels_last=runtime.channels_last, rank=dist.rank, world=dist.world,
                   source=source)
-    train = build_loader(LoaderSpec(split=cfg.data.train_split, train=True, **common),
+    train = build_loader(LoaderSpec(split=cfg.data.train_split, train=True,
+                                    views_per_decode=cfg.loader.views_per_decode, **common),
                          cfg.data, cfg.loader, backend)
     evl = build_loader(LoaderSpec(split=cfg.data.eval_split, train=False, **common),
                        cfg.data, cfg.loader, backend)

@@ -15,10 +15,13 @@ import numpy as np
 PAD = -1
 
 
-def clip_rng(seed: int, epoch: int, row: int, stream: int = 0) -> np.random.Generator:
+def clip_rng(seed: int, epoch: int, row: int, stream: int = 0,
+             draw: int = 0) -> np.random.Generator:
     """Independent random stream per (seed, epoch, clip's manifest row); `stream` separates
-    uses (0 = frame indices, 1 = augmentation parameters)."""
-    return np.random.default_rng([seed, epoch, row, stream])
+    uses (0 = frame indices, 1 = augmentation parameters); `draw` the training samples taken
+    from one decode of a clip (`loader.views_per_decode`): draw 0 is the seed recipe's own
+    stream, draw v > 0 one of its own."""
+    return np.random.default_rng([seed, epoch, row, stream, *([draw] if draw else [])])
 
 
 def sample_indices(n: int, num_frames: int, *, train: bool,
@@ -51,8 +54,9 @@ def sample_indices(n: int, num_frames: int, *, train: bool,
 
 
 def clip_indices(n: int, num_frames: int, *, train: bool, seed: int, epoch: int,
-                 row: int, position: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                 row: int, position: float = 0.5, draw: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The spec as a clip's plan (`data.plan.make_plan`) calls it: train seeded from
-    (seed, epoch, row), eval at `position` of each segment."""
-    rng = clip_rng(seed, epoch, row, 0) if train else None
+    (seed, epoch, row, draw), eval at `position` of each segment."""
+    rng = clip_rng(seed, epoch, row, 0, draw) if train else None
     return sample_indices(n, num_frames, train=train, rng=rng, position=position)

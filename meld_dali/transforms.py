@@ -32,9 +32,10 @@ class AugParams:
     contrast: float = 1.0
 
 
-def draw_params(data: DataConfig, *, seed: int, epoch: int, row: int) -> AugParams:
+def draw_params(data: DataConfig, *, seed: int, epoch: int, row: int,
+                draw: int = 0) -> AugParams:
     """The per-clip random draw; seeded like the frame indices (separate stream)."""
-    rng = clip_rng(seed, epoch, row, 1)
+    rng = clip_rng(seed, epoch, row, 1, draw)
     y, x, flip_u, angle_u, b_u, c_u = rng.random(6)
     return AugParams(
         crop_y=float(y), crop_x=float(x), flip=bool(flip_u < data.flip_p),
@@ -70,6 +71,13 @@ def colour_affine(p: AugParams, data: DataConfig) -> tuple[torch.Tensor, torch.T
     return b * c / (255 * std), (b * 0.5 * (1 - c) - mean) / std
 
 
+def resize_short(frames: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """uint8 [t, 3, H, W] at the training short side: the augmentation's first step, one
+    frame at a time, so several views of one decode can share it (frames at that size
+    already come back untouched)."""
+    return F.resize(frames, [data.short_side], antialias=True)
+
+
 def geometry(frames: torch.Tensor, data: DataConfig, p: AugParams) -> np.ndarray:
     """uint8 [t, 3, H, W] -> uint8 [t, crop, crop, 3]: resize, crop, flip and rotation, the
     part of the augmentation that moves pixels (the CPU loader's workers stop here; the
@@ -79,7 +87,7 @@ def geometry(frames: torch.Tensor, data: DataConfig, p: AugParams) -> np.ndarray
     already at the short side (cached clips, frame folders) come back from the resize
     untouched (torchvision returns its input when the size is unchanged); flip and rotation
     in one OpenCV warp per frame (~4x faster than torchvision's grid sampling, same map)."""
-    frames = F.resize(frames, [data.short_side], antialias=True)
+    frames = resize_short(frames, data)
     S = data.crop_size
     top, left = crop_box(frames.shape[-2], frames.shape[-1], S, p)
     hwc = frames[..., top:top + S, left:left + S].permute(0, 2, 3, 1).numpy()  # [t, S, S, 3]

@@ -21,6 +21,15 @@ MEAN, STD = slice(4, 7), slice(7, 10)
 OUTPUTS = ("video", "label", "index", "mask")
 
 
+def outputs(views: int = 1) -> tuple[str, ...]:
+    """The pipeline's outputs: OUTPUTS, or with several training draws per decoded clip
+    (`views` > 1) one video and one mask per draw."""
+    if views == 1:
+        return OUTPUTS
+    return (*(f"video{v}" for v in range(views)), "label", "index",
+            *(f"mask{v}" for v in range(views)))
+
+
 def dali_params(p: AugParams, data: DataConfig) -> np.ndarray:
     """One clip's draw in the form the fused graph applies it (float32 [10]).
 
@@ -47,8 +56,7 @@ def augment(frames, params, data: DataConfig, is_training: bool, dtype, layout: 
     `resize=False` when the input already has the configured shorter side (frame folders, or a
     clip cache at data.short_side)."""
     if resize:
-        frames = fn.resize(frames, resize_shorter=data.short_side, antialias=True,
-                           interp_type=types.INTERP_LINEAR)
+        frames = resize_short(frames, data)
     size = (data.crop_size, data.crop_size)
     if not is_training:
         return fn.crop_mirror_normalize(frames, crop=size, crop_pos_y=params[CROP_Y],
@@ -67,12 +75,22 @@ def augment(frames, params, data: DataConfig, is_training: bool, dtype, layout: 
                                     output_layout=layout)
 
 
+def resize_short(frames, data: DataConfig):
+    """Frames to the training short side (per frame: a sequence's frames one by one)."""
+    return fn.resize(frames, resize_shorter=data.short_side, antialias=True,
+                     interp_type=types.INTERP_LINEAR)
+
+
 @pipeline_def(enable_conditionals=False)
 def clip_pipeline(source, data: DataConfig, is_training: bool, kind: str, device: str, dtype,
-                  resize: bool = True):
+                  resize: bool = True, views: int = 1):
     """kind 'video': one encoded file per sample, decoded at the given frame indices (out of
     range = padded slots, filled with 0). kind 'frames': one JPEG per sample (B*T samples,
-    each carrying its clip's parameters); the loader regroups them into clips."""
+    each carrying its clip's parameters); the loader regroups them into clips.
+    `views` > 1 (kind 'video', training): `views` draws per clip from one decode
+    (`decode_views`)."""
+    if views > 1:
+        return decode_views(source, data, device, dtype, resize, views)
     encoded, frame_idx, params, label, index, mask = fn.external_source(
         source=source, num_outputs=6, batch=True, batch_info=True, parallel=False,
         dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT64, types.INT64, types.UINT8])
@@ -87,3 +105,25 @@ def clip_pipeline(source, data: DataConfig, is_training: bool, kind: str, device
     if device == "gpu":
         label, index, mask = label.gpu(), index.gpu(), mask.gpu()
     return video, label, index, mask
+
+
+def decode_views(source, data: DataConfig, device: str, dtype, resize: bool, views: int):
+    """Several training draws of each clip from one decode (`loader.views_per_decode`):
+    the union of the draws' frames is decoded and resized once, then each draw takes its
+    frames from it (`sequence_rearrange`, by its order in the union) and gets its own
+    augmentation. Outputs `outputs(views)`."""
+    per_view = [types.INT32, types.FLOAT, types.UINT8]  # order in the union, draw, mask
+    encoded, union, label, index, *drawn = fn.external_source(
+        source=source, num_outputs=4 + 3 * views, batch=True, batch_info=True, parallel=False,
+        dtype=[types.UINT8, types.INT32, types.INT64, types.INT64, *per_view * views])
+    frames = fn.decoders.video(encoded, device="mixed" if device == "gpu" else "cpu",
+                               frames=union, pad_mode="constant", fill_value=0)
+    if resize:
+        frames = resize_short(frames, data)
+    videos = [augment(fn.sequence_rearrange(frames, new_order=order), params, data, True,
+                      dtype, "CFHW", resize=False)
+              for order, params in zip(drawn[0::3], drawn[1::3], strict=True)]
+    masks = drawn[2::3]
+    if device == "gpu":
+        label, index, masks = label.gpu(), index.gpu(), [m.gpu() for m in masks]
+    return (*videos, label, index, *masks)

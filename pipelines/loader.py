@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import torch
 from meld_dali.pipelines.faults import FAULT_LIMIT, DaliFailure, classify
-from meld_dali.pipelines.graphs import OUTPUTS, clip_pipeline
+from meld_dali.pipelines.graphs import clip_pipeline, outputs
 from meld_dali.pipelines.sources import FILLER, FileReader, Pass, ShareSource
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -69,9 +69,13 @@ class DaliLoader(ManifestLoader):
         self.backend = f"dali-{device}"
         self.kind = "frames" if spec.source == "frames" else "video"
         self.dali_dtype = DALI_DTYPES[spec.dtype]
+        # plans decoded as one: a video clip's training draws (views_per_decode); frame
+        # folders decode frame by frame, each draw's own (little of two draws' is shared)
+        self.group = spec.views_per_decode if self.kind == "video" else 1
         dev_index = spec.device.index or 0
         wanted = loader_cfg.dali_pipelines or auto_pipelines(device, self.kind, dev_index)
-        self.n_pipes = max(1, min(wanted, spec.batch_size))  # no pipeline without a clip
+        units = spec.batch_size // self.group
+        self.n_pipes = max(1, min(wanted, units))  # no pipeline without a clip
         # the plans (the CPU loader's own) and the CPU path that redoes a batch DALI fails
         self.dataset = ClipDataset(spec.manifest, data, train=spec.train, seed=spec.seed,
                                    source=spec.source)
@@ -94,7 +98,7 @@ class DaliLoader(ManifestLoader):
         for src in self.sources:
             src.start(self.run)
         per_clip = 1 if self.kind == "video" else self.data.num_frames
-        B = -(-self.spec.batch_size // self.n_pipes)  # the largest share of a batch
+        B = -(-self.spec.batch_size // self.group // self.n_pipes)  # a share's most units
         dev = self.spec.device
         resize = not self._at_short_side()
         pipes = [clip_pipeline(
@@ -103,12 +107,12 @@ class DaliLoader(ManifestLoader):
             num_threads=max(1, self.loader_cfg.num_workers // self.n_pipes),
             device_id=(dev.index or 0) if self.dali_device == "gpu" else None,
             prefetch_queue_depth=max(1, self.loader_cfg.prefetch), seed=self.spec.seed,
-            resize=resize) for src in self.sources]
+            resize=resize, views=self.group) for src in self.sources]
         with warnings.catch_warnings():
             # graphs may leave an external source output unused: expected, not a problem
             warnings.filterwarnings("ignore", message=".*external source node.*")
             # one iterator per pipeline: DALI's own takes several only with a known size
-            self.its = [DALIGenericIterator([p], list(OUTPUTS),
+            self.its = [DALIGenericIterator([p], list(outputs(self.group)),
                                             last_batch_policy=LastBatchPolicy.PARTIAL,
                                             auto_reset=False, prepare_first_batch=False)
                         for p in pipes]
@@ -133,7 +137,7 @@ class DaliLoader(ManifestLoader):
         epoch = self.position.epoch
         plans = [self.dataset.plan(epoch, row, view) for row, view in self.remaining()]
         reuse = bool(self.its) and self.run is not None and self.run.done
-        self.run = Pass(epoch, plans, self.spec.batch_size, self.n_pipes)
+        self.run = Pass(epoch, plans, self.spec.batch_size, self.n_pipes, self.group)
         self.reader.clear()
         if not reuse:
             self._build()
@@ -202,19 +206,21 @@ class DaliLoader(ManifestLoader):
 
     def _take(self, run: Pass) -> tuple[set[int], list[int]]:
         """Take the pass's next batch: its read failures are reported, the position moves
-        past all its plans. Returns the positions whose read failed and the positions the
-        shares sent, in the order of the pipelines' outputs."""
+        past all its plans. Returns the positions of the plans whose read failed and the
+        units the shares sent, in the order of the pipelines' outputs."""
         failed, sent = run.take(run.next)
         for _, f in failed:
             self.report(f)
         self.position.consumed += len(run.batch(run.next))
         run.next += 1
-        return {pos for pos, _ in failed}, sent
+        g = self.group
+        return {pos * g + j for pos, _ in failed for j in range(g)}, sent
 
     def _merge(self, outs: list[dict], sent: list[int]) -> Batch | None:
         """The pipelines' shares -> one Batch in the order of the batch's plans, fillers
         dropped. The order is worked out on the host from what the sources sent: reading
-        anything back from the GPU here would wait for the training step queued before it."""
+        anything back from the GPU here would wait for the training step queued before it.
+        A unit's draws (views_per_decode) come out together, in draw order."""
         parts = [self._clips_of(d) for d in outs]
         video, mask, label, index = (parts[0] if len(parts) == 1 else
                                      (torch.cat([p[k] for p in parts]) for k in range(4)))
@@ -227,6 +233,9 @@ class DaliLoader(ManifestLoader):
                 idx = idx.pin_memory().to(video.device, non_blocking=True)
             video, mask, label, index = (t.index_select(0, idx)
                                          for t in (video, mask, label, index))
+        g = self.group  # [units, draws, ...] -> [plans, ...]
+        video, mask = video.flatten(0, 1), mask.flatten(0, 1)
+        label, index = label.repeat_interleave(g), index.repeat_interleave(g)
         batch = self.deliver(Batch(video, mask, label, index))  # a copy in new memory
         self._hold(outs)
         return batch
@@ -239,7 +248,7 @@ class DaliLoader(ManifestLoader):
         reuse while `deliver`'s kernels are still queued on torch's stream. So each batch's
         outputs stay here, with an event recorded after those kernels, until it has passed.
         On the CPU `deliver` ran to its end already: nothing to hold."""
-        video = outs[0]["video"]
+        video = outs[0]["video" if self.group == 1 else "video0"]
         if not video.is_cuda:
             return
         done = torch.cuda.Event()
@@ -249,13 +258,21 @@ class DaliLoader(ManifestLoader):
             self._held.popleft()
 
     def _clips_of(self, d: dict):
-        video, label, index = d["video"], d["label"].view(-1), d["index"].view(-1)
-        if self.kind == "frames":  # [B*T, C, H, W] -> [B, C, T, H, W]
-            T = self.data.num_frames
+        """One pipeline's output as units: video [U, draws, C, T, H, W], mask [U, draws,
+        T], label and index [U]."""
+        label, index = d["label"].view(-1), d["index"].view(-1)
+        if self.kind == "frames":  # [B*T, C, H, W] -> [B, 1, C, T, H, W]
+            video, T = d["video"], self.data.num_frames
             B = video.shape[0] // T
-            video = video.view(B, T, *video.shape[1:]).transpose(1, 2)
-            return video, d["mask"].view(B, T).bool(), label[::T], index[::T]
-        return video, d["mask"].view(video.shape[0], -1).bool(), label, index
+            video = video.view(B, 1, T, *video.shape[1:]).transpose(2, 3)
+            return video, d["mask"].view(B, 1, T).bool(), label[::T], index[::T]
+        if self.group == 1:
+            video = d["video"]
+            return video[:, None], d["mask"].view(video.shape[0], 1, -1).bool(), label, index
+        draws = range(self.group)
+        video = torch.stack([d[f"video{v}"] for v in draws], 1)
+        mask = torch.stack([d[f"mask{v}"].view(video.shape[0], -1) for v in draws], 1)
+        return video, mask.bool(), label, index
 
     def _recover(self, run: Pass, failure: DaliFailure) -> Batch | None:
         """Redo the batch DALI failed on with the CPU path, which judges its clips. A clip

@@ -30,10 +30,14 @@ class Pass:
     """One pass over the rest of an epoch: its plans in order (batch i = plans[i*B:(i+1)*B]),
     which batch the loader merges next, whether the pipelines reached the pass's end, and
     what each pipeline's source did with each batch (the positions it sent, in order, and
-    the reads that failed), kept until the loader merges that batch."""
+    the reads that failed), kept until the loader merges that batch. Positions count units:
+    `group` consecutive plans of one clip that the graph decodes once (a training clip's
+    `views_per_decode` draws; 1 = each plan on its own)."""
 
-    def __init__(self, epoch: int, plans: list[ClipPlan], batch_size: int, shares: int):
+    def __init__(self, epoch: int, plans: list[ClipPlan], batch_size: int, shares: int,
+                 group: int = 1):
         self.epoch, self.plans, self.batch_size, self.shares = epoch, plans, batch_size, shares
+        self.group = group
         self.next = 0
         self.done = False  # the pipelines ran to the end: the next pass can reset them
         self.sent: dict[tuple[int, int], list[int]] = {}  # (batch, share) -> positions
@@ -41,6 +45,11 @@ class Pass:
 
     def batch(self, i: int) -> list[ClipPlan]:
         return self.plans[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def units(self, i: int) -> list[list[ClipPlan]]:
+        """Batch i as units (a batch holds whole units: the batch size is a multiple)."""
+        plans, g = self.batch(i), self.group
+        return [plans[u:u + g] for u in range(0, len(plans), g)]
 
     def record(self, i: int, share: int, sent: list[int],
                failed: list[tuple[int, ClipFailure]]) -> None:
@@ -111,36 +120,49 @@ class ShareSource:
 
     def __call__(self, info):
         run, n = self.run, self.run.shares
-        plans = run.batch(self.i)
-        if not plans:
+        units = run.units(self.i)
+        if not units:
             raise StopIteration
         i, self.i = self.i, self.i + 1
         for k in range(1, self.prefetch + 1):  # keep the readers ahead of the decoder
-            self.reader.ahead(run.batch(i + k)[self.share::n])
-        out: list[list] = [[], [], [], [], [], []]
+            self.reader.ahead([u[0] for u in run.units(i + k)[self.share::n]])
+        out: list[list] = []
         sent, failed = [], []
-        for pos in range(self.share, len(plans), n):
+        for pos in range(self.share, len(units), n):
             try:
-                encoded = self.reader.take(plans[pos])
+                encoded = self.reader.take(units[pos][0])
             except OSError as e:
-                failed.append((pos, self.reader.failure(plans[pos], e)))
+                failed.append((pos, self.reader.failure(units[pos][0], e)))
                 continue
-            self.add(out, plans[pos], encoded)
+            self.add(out, units[pos], encoded)
             sent.append(pos)
         if not sent:  # nothing of this share is readable: one filler clip, dropped later
-            self.add(out, *self.filler(plans), filler=True)
+            self.add(out, *self.filler(units), filler=True)
             sent.append(FILLER)
         run.record(i, self.share, sent, failed)
         return out
 
-    def add(self, out: list[list], plan: ClipPlan, encoded: list[np.ndarray],
+    def add(self, out: list[list], unit: list[ClipPlan], encoded: list[np.ndarray],
             filler: bool = False) -> None:
-        """One plan's samples (one per clip for video, one per frame for frame folders); a
-        filler's carry index -1 and are dropped after decoding."""
+        """One unit's samples (one per clip for video, one per frame for frame folders); a
+        filler's carry index -1 and are dropped after decoding. A unit of several plans
+        (video only) is one sample: the union of their frames, decoded once, and each plan's
+        order of them in that union, draw and mask (`graphs.clip_pipeline`, `views`)."""
+        plan = unit[0]
         clip: Clip = self.reader.manifest.clips[plan.row]
-        params = dali_params(plan.params, self.data)
         label = np.array(clip.label, np.int64)
         index = np.array(-1 if filler else plan.row, np.int64)
+        if len(unit) > 1:
+            T = len(plan.indices)  # padded slots: frames past the end, decoded as 0
+            idx = [np.where(p.mask, p.indices, clip.num_frames + np.arange(T)) for p in unit]
+            union = np.unique(np.concatenate(idx))
+            item = [encoded[0], union.astype(np.int32), label, index]
+            for p, i in zip(unit, idx, strict=True):
+                item += [np.searchsorted(union, i).astype(np.int32),
+                         dali_params(p.params, self.data), p.mask.astype(np.uint8)]
+            self._append(out, [item])
+            return
+        params = dali_params(plan.params, self.data)
         if self.reader.source != "frames":
             # padded slots ask for frames past the end: the decoder fills them with 0
             T = len(plan.indices)
@@ -150,15 +172,25 @@ class ShareSource:
         else:  # one sample per frame, each with its clip's draw
             items = [(e, plan.indices[:1].astype(np.int32), params, label, index,
                       np.array(m, np.uint8)) for e, m in zip(encoded, plan.mask, strict=True)]
+        self._append(out, items)
+
+    @staticmethod
+    def _append(out: list[list], items: list) -> None:
+        """Samples (one value per output of the source) onto the columns of `out`."""
+        if not out:
+            out += [[] for _ in items[0]]
         for item in items:
             for col, value in zip(out, item, strict=True):
                 col.append(value)
 
-    def filler(self, plans: list[ClipPlan]) -> tuple[ClipPlan, list[np.ndarray]]:
-        """A readable plan (and its bytes) to stand in for a share with nothing readable."""
-        for p in [*plans, *self.run.plans]:
+    def filler(self, units: list[list[ClipPlan]]
+               ) -> tuple[list[ClipPlan], list[np.ndarray]]:
+        """A readable unit (and its bytes) to stand in for a share with nothing readable."""
+        g = self.run.group
+        every = [self.run.plans[u:u + g] for u in range(0, len(self.run.plans), g)]
+        for unit in [*units, *every]:
             try:
-                return p, self.reader.take(p)
+                return unit, self.reader.take(unit[0])
             except OSError:
                 continue
         raise RuntimeError("no readable clip left in this epoch")

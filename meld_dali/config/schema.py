@@ -175,6 +175,11 @@ class LoaderConfig(BaseModel):
     dali_pipelines: NonNeg = 0
     channels_last: Annotated[Flag, BeforeValidator(_yaml_flag)] = "auto"
     dtype: Dtype = "auto"  # auto (follows train.amp) | float32 | float16 | bfloat16
+    # training samples taken from each decoded clip, each with its own random frames and
+    # augmentation (AVION's num_samples, PySlowFast's repeated sampling); an epoch keeps its
+    # samples and optimizer steps and decodes 1/k of the clips (all of them every k epochs);
+    # a batch of train.batch_size samples holds batch_size / k clips. 1 = the seed recipe
+    views_per_decode: Count = 1
     # before training on a DALI backend, compare its eval output on a few dev clips with the
     # CPU reference (meld_dali.verify): auto = a mismatch beyond the tolerance stops the run
     # with one line; warn = train with `torch` instead, with a warning; off = no check
@@ -300,6 +305,10 @@ class Config(BaseModel):
         if self.data.num_frames % self.model.alpha:
             raise _rule("data.num_frames", self.data.num_frames,
                         f"must be a multiple of model.alpha ({self.model.alpha})")
+        if self.train.batch_size % self.loader.views_per_decode:
+            raise _rule("loader.views_per_decode", self.loader.views_per_decode,
+                        f"must divide train.batch_size ({self.train.batch_size}): a batch "
+                        "holds whole clips")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from meld_dali.data.plan import View, multi_views
+from meld_dali.data.plan import View, multi_views, train_views
 from meld_dali.errors import UserError
 from meld_dali.manifest import Manifest
 
@@ -136,6 +136,9 @@ class LoaderSpec:
     world: int = 1
     source: str = "video"  # resolved data.source: video | frames | cache
     views: tuple[int, int] = (1, 1)  # (temporal, spatial) test views per clip: eval only
+    # training samples per decoded clip (`loader.views_per_decode`), each its own random
+    # draw; a batch of batch_size samples holds batch_size / views_per_decode clips
+    views_per_decode: int = 1
 
 
 @dataclass
@@ -146,6 +149,12 @@ class ClipOrder:
     every world-th clip and all ranks take the same count (the tail is dropped so DDP stays
     in step); a lone last clip (a batch of 1 breaks BatchNorm) is dropped too.
     eval: manifest order, every clip exactly once over all ranks (shards may differ by one).
+
+    train with `views` samples per decoded clip (`loader.views_per_decode` = k): an epoch
+    keeps its number of samples, so its optimizer steps and the schedule are the recipe's,
+    and decodes 1/k of the clips: a permutation seeded by (seed, epoch // k) is cut into k
+    parts, epoch e takes part e % k, so every k epochs each clip is decoded once (k
+    samples). k = 1 is the permutation above.
     """
     rows: list[int]
     train: bool
@@ -153,14 +162,18 @@ class ClipOrder:
     batch_size: int
     rank: int = 0
     world: int = 1
+    views: int = 1
 
     def order(self, epoch: int) -> list[int]:
         rows = np.array(self.rows, dtype=np.int64)
         if self.train:
-            rows = rows[np.random.default_rng([self.seed, epoch, 7]).permutation(len(rows))]
+            k = self.views
+            rows = rows[np.random.default_rng([self.seed, epoch // k, 7]).permutation(len(rows))]
+            if k > 1:
+                rows = np.array_split(rows, k)[epoch % k]
             n = len(rows) // self.world
             mine = rows[self.rank::self.world][:n]
-            if len(mine) % self.batch_size == 1 and len(mine) > 1:
+            if len(mine) * k % self.batch_size == 1 and len(mine) > 1:
                 mine = mine[:-1]
             return mine.tolist()
         return rows[self.rank::self.world].tolist()
@@ -250,13 +263,18 @@ class ManifestLoader(ClipLoader):
     def __init__(self, spec: LoaderSpec):
         if spec.train and spec.views != (1, 1):
             raise ValueError(f"views={spec.views}: multi-view testing is for evaluation, a "
-                             "training loader takes one view per clip")
+                             "training loader takes random draws (views_per_decode)")
+        k = spec.views_per_decode
+        if k != 1 and (not spec.train or spec.batch_size % k):
+            raise ValueError(f"views_per_decode={k}: a training loader's, dividing the batch "
+                             f"size ({spec.batch_size}{'' if spec.train else ', eval'})")
         super().__init__(spec.batch_size, spec.seed)
         self.spec = spec
-        self.views = multi_views(*spec.views)
+        self.views = train_views(k) if spec.train else multi_views(*spec.views)
         self.views_per_clip = len(self.views)
         self.order = ClipOrder(spec.manifest.ok(spec.split), train=spec.train, seed=spec.seed,
-                               batch_size=spec.batch_size, rank=spec.rank, world=spec.world)
+                               batch_size=spec.batch_size, rank=spec.rank, world=spec.world,
+                               views=k)
 
     def rows(self, epoch: int) -> list[int]:
         return self.order.order(epoch)

@@ -171,15 +171,18 @@ def to_clip(frames: np.ndarray, data: DataConfig,
     return video, mask
 
 
-def to_clip_uint8(frames: np.ndarray, data: DataConfig, params: AugParams
+def to_clip_uint8(frames: np.ndarray | torch.Tensor, data: DataConfig, params: AugParams
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`to_clip` stopped before the colour: decoded uint8 [k, H, W, 3] frames -> (video uint8
+    """`to_clip` stopped before the colour: decoded uint8 [k, H, W, 3] frames (or
+    `transforms.resize_short`'s [k, 3, h, w]) -> (video uint8
     [3, T, S, S] resized, cropped, flipped and rotated, padded slots 0, stored channels-last
     ([T, S, S, 3] in memory); mask bool [T]; scale and shift float32 [3], the colour +
     normalization affine `video * scale + shift` that makes `to_clip`'s video at the real
     frames). What the CPU loader's workers deliver: a quarter of the float clip's bytes, and
     no float pass on the CPU (`base.RawBatch.normalized` does it where the batch lands)."""
-    hwc = geometry(torch.from_numpy(frames).permute(0, 3, 1, 2), data, params)
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    hwc = geometry(frames, data, params)
     k = hwc.shape[0]
     thwc = torch.zeros(data.num_frames, *hwc.shape[1:], dtype=torch.uint8)
     np.copyto(thwc.numpy()[:k], hwc)  # one copy, whatever hwc's strides (a flip)

@@ -3,7 +3,9 @@
 `make_plan` is the one function that makes it, for every backend (the CPU dataset, the DALI
 sources, the DALI loader's CPU recovery), for evaluation and for multi-view testing, so they
 cannot disagree on a clip. Its random streams are the specs' own: `clip_rng(seed, epoch, row,
-0)` for the frame indices, `draw_params` (stream 1) for the augmentation draw.
+0)` for the frame indices, `draw_params` (stream 1) for the augmentation draw; a training
+clip decoded once for several samples (`loader.views_per_decode`) has one plan per draw,
+each from streams of its own (draw 0 = the seed recipe's).
 """
 
 from __future__ import annotations
@@ -20,14 +22,23 @@ from meld_dali.transforms import AugParams, draw_params
 
 @dataclass(frozen=True)
 class View:
-    """One test view of a clip: where in each sampling segment its frame is taken (0..1;
-    0.5 = the segment's middle, the plain eval view) and where its crop sits along the
-    frame's longer side (0..1; 0.5 = the centre crop)."""
+    """One view of a clip. Eval (multi-view testing): where in each sampling segment its
+    frame is taken (0..1; 0.5 = the segment's middle, the plain eval view) and where its crop
+    sits along the frame's longer side (0..1; 0.5 = the centre crop). Train: `draw`, which
+    of the clip's random samples it is (0 = the seed recipe's only one)."""
     temporal: float = 0.5
     spatial: float = 0.5
+    draw: int = 0
 
 
-CENTRE = View()  # the plain eval view (and the only view of a training clip)
+CENTRE = View()  # the plain eval view, and a training clip's first draw
+
+
+def train_views(per_decode: int) -> tuple[View, ...]:
+    """The training samples taken from one decode of a clip (`loader.views_per_decode`)."""
+    if per_decode < 1:
+        raise ValueError(f"views per decode must be at least 1, got {per_decode}")
+    return tuple(View(draw=v) for v in range(per_decode))
 
 
 def multi_views(temporal: int, spatial: int) -> tuple[View, ...]:
@@ -51,12 +62,14 @@ class ClipPlan:
 def make_plan(clip: Clip, data: DataConfig, *, train: bool, seed: int, epoch: int, row: int,
               view: View = CENTRE) -> ClipPlan:
     """The plan of manifest row `row` (`clip`) in `epoch`. Train: the seeded random indices
-    and draw (one view only). Eval: the view's frame position and crop, no randomness."""
-    if train and view != CENTRE:
-        raise ValueError("a training clip has one view: multi-view testing is eval only")
+    and draw (of `view.draw`). Eval: the view's frame position and crop, no randomness."""
+    if train and (view.temporal, view.spatial) != (CENTRE.temporal, CENTRE.spatial):
+        raise ValueError("a training view is a random draw: multi-view testing is eval only")
+    if not train and view.draw:
+        raise ValueError("an eval view has no random draw")
     idx, mask = clip_indices(clip.num_frames, data.num_frames, train=train, seed=seed,
-                             epoch=epoch, row=row, position=view.temporal)
-    params = (draw_params(data, seed=seed, epoch=epoch, row=row) if train
+                             epoch=epoch, row=row, position=view.temporal, draw=view.draw)
+    params = (draw_params(data, seed=seed, epoch=epoch, row=row, draw=view.draw) if train
               else view_crop(clip, view))
     return ClipPlan(row, idx, mask, params, view)
 
