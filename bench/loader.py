@@ -6,6 +6,11 @@ colour) with the same batch size and the same worker/thread count: warm-up batch
 runs of `batches` batches; medians and spread are reported, with the ratio to the torch
 baseline measured in the same run. Each row names its input (resolution, codec, frames per
 clip, bitrate) and says how many epochs its timed window spans.
+
+With several views per decode (`--views-per-decode 1,2`: each decoded clip yields k training
+samples), a row's `clips_per_s` counts samples, `decoded_clips_per_s` the clips decoded for
+them (samples / k): a k-view row is compared with the same loader's 1-view row
+(`vs_one_view`), never with the torch baseline or the seed as if it were the same work.
 """
 
 from __future__ import annotations
@@ -122,7 +127,8 @@ def _row(loader, backend: str, source: str, described: dict, warmup: int, batche
     per_epoch = len(loader)  # before timing: the position is at an epoch start
     row = {"backend": backend, "source": source, "input": described,
            **time_loader(loader, batches, repeats, warmup, device)}
-    epoch_clips = getattr(loader, "num_clips", train_clips)  # what one pass takes
+    # what one pass takes: its samples (k per decoded clip with several views per decode)
+    epoch_clips = getattr(loader, "num_plans", train_clips)
     row["batches_per_epoch"], row["epoch_clips"] = per_epoch, epoch_clips
     row["epochs_in_window"] = row["timed_clips"] / max(epoch_clips, 1)
     row["epoch_boundaries_in_window"] = window(warmup, batches * repeats, per_epoch)
@@ -132,20 +138,23 @@ def _row(loader, backend: str, source: str, described: dict, warmup: int, batche
 
 
 def loader_jobs(backends: list[str], sources: list[str], peers, loader_cfg: LoaderConfig,
-                cuda: bool) -> list[tuple[str, str, Peer | None, int | None]]:
-    """What to time, in order: (name, source, peer, pipelines). Each backend on each source,
-    then the peers on theirs. On a GPU with `loader.dali_pipelines` auto, dali-gpu on video
-    or cache runs twice: auto (one pipeline per NVDEC engine) and beside it one pipeline
-    (`pipelines` 1, i.e. loader.dali_pipelines=1), so the premise of one pipeline per engine
-    is measured, not assumed."""
-    jobs: list[tuple[str, str, Peer | None, int | None]] = []
+                cuda: bool, views: list[int] = (1,)
+                ) -> list[tuple[str, str, Peer | None, int | None, int]]:
+    """What to time, in order: (name, source, peer, pipelines, views per decode). Each
+    backend on each source at each views-per-decode count, then the peers on theirs (one
+    view). On a GPU with `loader.dali_pipelines` auto, dali-gpu on video or cache runs twice:
+    auto (one pipeline per NVDEC engine) and beside it one pipeline (`pipelines` 1, i.e.
+    loader.dali_pipelines=1), so the premise of one pipeline per engine is measured, not
+    assumed."""
+    jobs: list[tuple[str, str, Peer | None, int | None, int]] = []
     for s in sources:
         for b in backends:
-            jobs.append((b, s, None, None))
-            if (cuda and b == "dali-gpu" and s in ("video", "cache")
-                    and loader_cfg.dali_pipelines == 0):
-                jobs.append((b, s, None, 1))
-    return jobs + [(p.name, s, p, None) for p in peers for s in peer_sources(p, sources)]
+            for k in views:
+                jobs.append((b, s, None, None, k))
+                if (cuda and b == "dali-gpu" and s in ("video", "cache")
+                        and loader_cfg.dali_pipelines == 0):
+                    jobs.append((b, s, None, 1, k))
+    return jobs + [(p.name, s, p, None, 1) for p in peers for s in peer_sources(p, sources)]
 
 
 def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
@@ -153,34 +162,38 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                  repeats: int = 3, warmup: int | None = None, batch_size: int = 8,
                  split: str = "train", device: torch.device | None = None, progress=None,
                  soak_epochs: int = 0, dataset: dict | None = None,
-                 peers: list[Peer] = ()) -> dict:
+                 peers: list[Peer] = (), views: list[int] = (1,)) -> dict:
     """`warmup`: the least number of warm-up batches (None: automatic, see auto_warmup;
     the larger of the two is used). `dataset`: what the data set is (kind, spec), recorded.
     `peers`: other tools doing the same work (bench.peers), timed the same way after ours;
-    their rows have `"peer": true`, every row a `vs_seed` ratio."""
+    their rows have `"peer": true`, every row a `vs_seed` ratio. `views`: views per decode to
+    time each of our backends at (peers: 1)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results, unavailable, warnings, inputs = [], [], [], {}
     train_clips = len(manifest.ok(split))
     timing = dict(batches=batches, repeats=repeats, device=device, soak_epochs=soak_epochs,
                   train_clips=train_clips)
-    jobs = loader_jobs(backends, sources, peers, loader_cfg, torch.cuda.is_available())
+    jobs = loader_jobs(backends, sources, peers, loader_cfg, torch.cuda.is_available(), views)
     task = progress.add_task("bench loader", total=len(jobs)) if progress else None
-    for name, source, peer, pipes in jobs:
+    for name, source, peer, pipes, k in jobs:
         why = ((peer_problem(peer) or ("" if peer.name == "seed" else
                                        source_problem(manifest, source))) if peer
                else (source_problem(manifest, source)
                      or backend_problem(name, manifest, split, source)))
+        if not why and batch_size % k:
+            why = f"{k} views per decode do not divide the batch ({batch_size})"
         auto = next((r for r in results if r["backend"] == name and r["source"] == source
-                     and r.get("dali_pipelines_setting") == "auto"), None)
+                     and r.get("dali_pipelines_setting") == "auto"
+                     and r["views_per_decode"] == k), None)
         if not why and pipes and auto and auto["dali_pipelines"] == pipes:
             why = f"auto runs {pipes} pipeline here already (the row above)"
         if why:
             unavailable.append({"backend": name, "source": source, "reason": why,
-                                "peer": bool(peer), **({"dali_pipelines": pipes} if pipes
-                                                       else {})})
+                                "peer": bool(peer), "views_per_decode": k,
+                                **({"dali_pipelines": pipes} if pipes else {})})
         else:
             spec = LoaderSpec(manifest, split, True, batch_size, seed=0, device=device,
-                              source=source)
+                              source=source, views_per_decode=k)
             cfg = loader_cfg.model_copy(update={"dali_pipelines": pipes}) if pipes \
                 else loader_cfg
             loader = (peer.build(spec, data, cfg) if peer
@@ -193,6 +206,8 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                 described = inputs.setdefault(source, describe_input(manifest, split, source))
             row = _row(loader, name, source, described, wu, **timing)
             row["peer"] = bool(peer)
+            row["views_per_decode"] = k  # samples per decoded clip
+            row["decoded_clips_per_s"] = row["clips_per_s"] / k
             if hasattr(loader, "n_pipes"):  # a DALI loader: its pipelines, and who said so
                 row["dali_pipelines"] = loader.n_pipes
                 row["dali_pipelines_setting"] = cfg.dali_pipelines or "auto"
@@ -222,10 +237,16 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                                  for r in results if "soak" in r], " (soak)")
     seed = next((r for r in results if r["peer"] and r["backend"] == "seed"), None)
     for row in results:  # ratios against the torch baseline of the same source, the seed
-        base = next((r for r in results if r["backend"] == "torch"
-                     and r["source"] == row["source"]), None)
+        k = row["views_per_decode"]
+        base = next((r for r in results if r["backend"] == "torch" and r["views_per_decode"]
+                     == k and r["source"] == row["source"]), None)
         row["vs_torch"] = row["clips_per_s"] / base["clips_per_s"] if base else None
-        row["vs_seed"] = row["clips_per_s"] / seed["clips_per_s"] if seed else None
+        row["vs_seed"] = row["clips_per_s"] / seed["clips_per_s"] if seed and k == 1 else None
+        one = next((r for r in results if r["views_per_decode"] == 1 and
+                    (r["backend"], r["source"], r.get("dali_pipelines"), r["peer"]) ==
+                    (row["backend"], row["source"], row.get("dali_pipelines"), False)), None)
+        row["vs_one_view"] = (row["clips_per_s"] / one["clips_per_s"]
+                              if one and k > 1 else None)
     return {"env": environment(),
             "dataset": dataset or {"kind": "user", "root": str(manifest.base)},
             "settings": {"batch_size": batch_size, "workers": loader_cfg.num_workers,
@@ -236,7 +257,7 @@ def bench_loader(manifest: Manifest, data: DataConfig, loader_cfg: LoaderConfig,
                          "timed_batches": batches * repeats,
                          "timed_clips": batches * repeats * batch_size,
                          "manifest": str(manifest.path),
-                         "peers": [p.name for p in peers]},
+                         "peers": [p.name for p in peers], "views_per_decode": list(views)},
             "inputs": inputs, "results": results, "unavailable": unavailable,
             "warnings": warnings}
 
@@ -253,7 +274,9 @@ def render_table(report: dict):
                       f"{'; PSS+: growth over the soak' if soaked else ''})",
                       with_unavailable(caption(report), report))
     peers = bool(s.get("peers"))
-    for col in ("backend", "source", "clips/s", "min-max", "frames/s", "vs torch",
+    views = len(s.get("views_per_decode", [1])) > 1
+    for col in ("backend", "source", "samples/s" if views else "clips/s", "min-max",
+                *(("decoded/s", "vs 1 view") if views else ()), "frames/s", "vs torch",
                 *(("vs seed",) if peers else ()), "CPU", "PSS", "GPU",
                 *(("PSS+",) if soaked else ())):
         t.add_column(col, justify="left" if col in ("backend", "source") else "right")
@@ -266,6 +289,8 @@ def render_table(report: dict):
             t.add_row(redone_label(row_name(r, report["results"]), r), r["source"],
                       f"{r['clips_per_s']:.1f}",
                       f"{r['clips_per_s_min']:.1f}-{r['clips_per_s_max']:.1f}",
+                      *((f"{r['decoded_clips_per_s']:.1f}", _ratio(r["vs_one_view"]))
+                        if views else ()),
                       f"{r['frames_per_s']:.0f}", _ratio(r["vs_torch"]),
                       *((_ratio(r["vs_seed"]),) if peers else ()),
                       f"{r['cpu_util']:.0%}", f"{r['peak_mem_mb']:.0f}",
@@ -277,14 +302,17 @@ def render_table(report: dict):
 
 
 def row_name(row: dict, rows: list[dict]) -> str:
-    """The backend, with its pipeline count where rows of the same backend and source differ
-    in it (dali-gpu auto beside one pipeline)."""
+    """The backend, with its views per decode where above 1 (`torch x2`) and its pipeline
+    count where rows of the same backend and source differ in it (dali-gpu auto beside one
+    pipeline)."""
+    k = row.get("views_per_decode", 1)
+    name = row["backend"] + (f" x{k}" if k > 1 else "")
     n = row.get("dali_pipelines")
     same = {r.get("dali_pipelines") for r in rows
             if r["backend"] == row["backend"] and r["source"] == row["source"]}
     if n is None or len(same) < 2:
-        return row["backend"]
-    return f"{row['backend']} {n} pipe{'s' if n > 1 else ''}"
+        return name
+    return f"{name} {n} pipe{'s' if n > 1 else ''}"
 
 
 def _ratio(x: float | None) -> str:

@@ -294,7 +294,9 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                                             "(default: what the loader prefetches, plus 1)"),
                  quick: bool = typer.Option(False, "--quick", help="small fast data set "
                                             "(smoke tests, CI) instead of MELD-shaped 720p"),
-                 peers: str = typer.Option("all", help=PEERS_HELP)):
+                 peers: str = typer.Option("all", help=PEERS_HELP),
+                 views_per_decode: str = typer.Option("1", help="comma list: training "
+                                                      "samples per decoded clip, e.g. 1,2")):
     """Loader throughput per backend on the same manifest, beside the peers."""
     from meld_dali.bench.loader import bench_loader as run
     from meld_dali.bench.loader import plot as draw
@@ -308,7 +310,7 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
         report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
                      batches=batches, repeats=repeats, batch_size=batch_size, progress=p,
                      soak_epochs=soak_epochs, warmup=warmup, dataset=dataset,
-                     peers=peer_list)
+                     peers=peer_list, views=_counts(views_per_decode, "--views-per-decode"))
     out.print(render_table(report))
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
@@ -316,6 +318,16 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
     if plot:
         draw(report, plot)
         console.print(f"wrote {plot}")
+
+
+def _counts(text: str, option: str) -> list[int]:
+    try:
+        counts = [int(x) for x in _split(text)]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"{option} {text!r}: expected a comma list of counts >= 1, e.g. 1,2")
+    return counts
 
 
 @bench_app.command("train")

@@ -232,13 +232,37 @@ def test_nvml_bus_id_and_process_memory():
 def test_one_pipeline_row_beside_auto_on_a_gpu():
     auto, two = LoaderConfig(), LoaderConfig(dali_pipelines=2)
     jobs = loader_jobs(["dali-gpu", "torch"], ["video", "frames", "cache"], [], auto, True)
-    assert [(n, s, p) for n, s, _, p in jobs] == [
+    assert [(n, s, p) for n, s, _, p, _ in jobs] == [
         ("dali-gpu", "video", None), ("dali-gpu", "video", 1), ("torch", "video", None),
         ("dali-gpu", "frames", None), ("torch", "frames", None),
         ("dali-gpu", "cache", None), ("dali-gpu", "cache", 1), ("torch", "cache", None)]
     cpu = loader_jobs(["dali-gpu", "dali-cpu"], ["video"], [], auto, False)
-    assert [p for *_, p in cpu] == [None, None]  # no GPU: the CPU behaviour as before
-    assert all(p is None for *_, p in loader_jobs(["dali-gpu"], ["video"], [], two, True))
+    assert [p for *_, p, _ in cpu] == [None, None]  # no GPU: the CPU behaviour as before
+    assert all(p is None for *_, p, _ in loader_jobs(["dali-gpu"], ["video"], [], two, True))
+    assert [k for *_, k in jobs] == [1] * len(jobs)
+
+
+def test_views_per_decode_rows_count_samples_and_decodes_apart(synth_vp9):
+    """A k-view row says samples/s and decoded clips/s (samples / k), is compared with its
+    own 1-view row (vs 1 view) and never with the seed or a 1-view torch row."""
+    cfg = load_config("demo", ["data.num_frames=8", "loader.workers=1"])
+    report = bench_loader(Manifest.load(synth_vp9), cfg.data, cfg.loader,
+                          ["torch", "dali-cpu"], ["video"], batches=2, repeats=1, warmup=1,
+                          batch_size=4, views=[1, 2, 3])
+    rows = {(r["backend"], r["views_per_decode"]): r for r in report["results"]}
+    assert set(rows) == {("torch", 1), ("torch", 2), ("dali-cpu", 1), ("dali-cpu", 2)}
+    assert [u["views_per_decode"] for u in report["unavailable"]
+            if "divide" in u["reason"]] == [3, 3]
+    for (b, k), r in rows.items():
+        assert r["decoded_clips_per_s"] == pytest.approx(r["clips_per_s"] / k)
+        assert r["vs_torch"] == pytest.approx(r["clips_per_s"] / rows["torch", k]["clips_per_s"])
+        assert r["vs_one_view"] == (pytest.approx(r["clips_per_s"] / rows[b, 1]["clips_per_s"])
+                                    if k > 1 else None)
+        assert r["cpu_redone_batches"] == 0
+    console = Console(record=True, width=220)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "samples/s" in text and "decoded/s" in text and "dali-cpu x2" in text
 
 
 def test_feed_continues_passes_and_builds_check():
