@@ -7,8 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from meld_dali.errors import UserError
 
 # The default bench set: MELD's inputs where they matter for speed (1280x720 H.264 at
@@ -71,7 +69,9 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
             f"({spec['width']}x{spec['height']}, {kind}) in {root}")
         synth(root, bench_spec(kind), progress=progress, workers=workers)
         marker.write_text(json.dumps({"spec": spec}))
-    cache_codec = "h264" if torch.cuda.is_available() else "mjpeg"
+    from meld_dali.cache import auto_codec
+
+    cache_codec, _ = auto_codec()  # what prepare picks here: the loader auto would use
     prepare(root, frames=root / "frames" if frames else None, short_side=short_side,
             workers=workers, progress=progress, cache=cache, cache_codec=cache_codec)
     mb = size_mb(root)

@@ -24,7 +24,7 @@ from typing import Any
 import av
 from PIL import Image
 
-from meld_dali.cache import CacheSpec, build_cache, nvdec_unsupported
+from meld_dali.cache import CacheSpec, auto_codec, build_cache, nvdec_unsupported
 from meld_dali.clips import Clip
 from meld_dali.config import EMOTIONS, DataConfig
 from meld_dali.errors import UserError
@@ -183,10 +183,11 @@ def stale_reason(m: Manifest) -> str:
 
 def prepare(root: str | Path, out: str | Path | None = None, frames: str | Path | None = None,
             short_side: int = 256, workers: int = 2, progress=None,
-            cache: str | Path | None = None, cache_codec: str = "h264"
+            cache: str | Path | None = None, cache_codec: str = "auto"
             ) -> tuple[Manifest, dict]:
     """Build (or reuse, or resume) the manifest for a MELD root. Returns (manifest, report).
-    With `cache`, every ok clip is also re-encoded there at `short_side` (meld_dali.cache).
+    With `cache`, every ok clip is also re-encoded there at `short_side` (meld_dali.cache),
+    in `cache_codec` (auto: `cache.auto_codec`, by the loader this machine would use).
     The manifest folder (`out`, default ROOT) is locked while it is written."""
     root = Path(root)
     if not root.is_dir():
@@ -207,6 +208,9 @@ def _prepare(root: Path, out_dir: Path, frames, short_side: int, workers: int, p
              cache, cache_codec: str) -> tuple[Manifest, dict]:
     sources, rows, bad_rows, unlabelled = scan(root)
     frames_dir = Path(frames).resolve() if frames else None
+    codec_why = "asked for"
+    if cache and cache_codec == "auto":
+        cache_codec, codec_why = auto_codec()
     cache_spec = CacheSpec(str(Path(cache).resolve()), short_side, cache_codec) if cache else None
     fp = fingerprint(root, out_dir, sources, [p for _, p in rows], frames_dir, short_side,
                      cache_spec)
@@ -305,7 +309,8 @@ def _prepare(root: Path, out_dir: Path, frames, short_side: int, workers: int, p
     report = build_report(m, bad_rows, unlabelled)
     if built:
         report["cache"] = {"dir": str(cache_spec.files_dir), "built": built["built"],
-                           "reused": built["reused"], "failed": len(built["failures"])}
+                           "reused": built["reused"], "failed": len(built["failures"]),
+                           "codec": cache_codec, "codec_why": codec_why}
         report["cache_failures"] = built["failures"]
     report["resumed_probes"] = resumed
     _atomic_write_json(out_dir / REPORT_NAME, report)

@@ -36,8 +36,9 @@ def print_report(report: dict, console: Console) -> None:
                       soft_wrap=True)
     if report.get("cache"):
         c = report["cache"]
-        console.print(f"clip cache {c['dir']}: {c['built']} encoded, {c['reused']} reused, "
-                      f"{c['failed']} failed", highlight=False, soft_wrap=True)
+        codec = f" ({c['codec']}: {c['codec_why']})" if c.get("codec") else ""
+        console.print(f"clip cache {c['dir']}{codec}: {c['built']} encoded, {c['reused']} "
+                      f"reused, {c['failed']} failed", highlight=False, soft_wrap=True)
     if report.get("nvdec_unsupported"):
         n = report["nvdec_unsupported"]
         hint = ("" if report.get("cache") else

@@ -16,7 +16,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from meld_dali.cache import CacheError, CacheSpec, cache_size, encode_clip, nvdec_unsupported
+from meld_dali.cache import (
+    CacheError,
+    CacheSpec,
+    auto_codec,
+    cache_size,
+    encode_clip,
+    nvdec_unsupported,
+)
 from meld_dali.clips import Clip
 from meld_dali.data.decode import read_video_frames
 from meld_dali.prepare import prepare
@@ -145,7 +152,7 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     root = tmp_path / "r"
     shutil.copytree(tiny_root, root)
     cache = tmp_path / "cache"
-    m, rep = prepare(root, short_side=32, workers=1, cache=cache)
+    m, rep = prepare(root, short_side=32, workers=1, cache=cache, cache_codec="h264")
     ok = m.ok("train") + m.ok("dev") + m.ok("test")
     assert rep["cache"]["built"] == len(ok) and not rep["cache_failures"]
     assert m.has_cache and m.cache_short_side == 32
@@ -163,7 +170,7 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     torn = gone[0].with_name(gone[0].name + ".x1y2z3.tmp.mp4")  # what temp_path names
     torn.write_bytes(b"\x00" * 100)
     time.sleep(0.01)
-    m2, rep2 = prepare(root, short_side=32, workers=1, cache=cache)
+    m2, rep2 = prepare(root, short_side=32, workers=1, cache=cache, cache_codec="h264")
     assert rep2["cache"]["built"] == 2 and rep2["cache"]["reused"] == len(ok) - 2
     after = _mtimes(cache)
     assert all(after[k] == v for k, v in before.items())  # finished files untouched
@@ -171,9 +178,9 @@ def test_resume_after_kill_reuses_finished_clips_and_fingerprint(tiny_root, tmp_
     assert all(m2.cache_path(m2.clips[i]).exists() for i in ok)
     # unchanged inputs and settings: reused as is; another short side: built beside it,
     # the first settings' files untouched (another manifest may read them)
-    _, rep3 = prepare(root, short_side=32, workers=1, cache=cache)
+    _, rep3 = prepare(root, short_side=32, workers=1, cache=cache, cache_codec="h264")
     assert rep3["reused"]
-    m4, rep4 = prepare(root, short_side=24, workers=1, cache=cache)
+    m4, rep4 = prepare(root, short_side=24, workers=1, cache=cache, cache_codec="h264")
     assert not rep4["reused"] and rep4["cache"]["built"] == len(ok)
     assert m4.cache_short_side == 24
     c = m4.clips[ok[0]]
@@ -213,7 +220,18 @@ def test_clip_that_cannot_be_reencoded_is_reported_and_kept(tiny_root, tmp_path)
     assert saved["cache_failures"] == fails
     console = Console(record=True, width=200)
     print_report(rep, console)
-    assert f"not cached dev {victim.stem}" in console.export_text()
+    text = console.export_text()
+    assert f"not cached dev {victim.stem}" in text
+    # no codec asked: the one the loader this machine would train with reads fastest, and
+    # the report says which and why (no CUDA here: MJPEG, for the CPU loaders)
+    codec, why = auto_codec()
+    assert (rep["cache"]["codec"], rep["cache"]["codec_why"]) == (codec, why)
+    assert m.meta["cache"]["codec"] == codec
+    assert all(m.cache_path(c).suffix == CacheSpec("x", 32, codec).ext
+               for c in m.clips if c.cache)
+    assert f"({codec}: {why})" in text
+    if not torch.cuda.is_available():
+        assert codec == "mjpeg" and "CPU loaders" in why
 
 
 def test_mjpeg_cache_decodes_with_dali_cpu(tmp_path):

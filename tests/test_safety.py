@@ -102,9 +102,11 @@ def test_two_prepares_into_one_cache_keep_each_others_files(raw_root, tmp_path):
     """Another manifest's prepare with other settings never removes the first's files; if a
     cache no longer matches its manifest, opening the manifest says how to rebuild it."""
     cache = tmp_path / "cache"
-    a, _ = prepare(raw_root, tmp_path / "a", short_side=32, workers=1, cache=cache)
+    a, _ = prepare(raw_root, tmp_path / "a", short_side=32, workers=1, cache=cache,
+                   cache_codec="h264")
     files_a = tree_digest(cache / "h264-s32-crf23-g16")
-    b, _ = prepare(raw_root, tmp_path / "b", short_side=24, workers=1, cache=cache)
+    b, _ = prepare(raw_root, tmp_path / "b", short_side=24, workers=1, cache=cache,
+                   cache_codec="h264")
     assert tree_digest(cache / "h264-s32-crf23-g16") == files_a  # untouched
     a2 = Manifest.load(tmp_path / "a")  # still opens, every cached file there
     assert all(a2.cache_path(c).exists() for c in a2.clips if c.cache)
