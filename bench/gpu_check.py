@@ -79,12 +79,13 @@ def nvdec_proof(manifest, cfg) -> dict:
     return out
 
 
-def verify_step(manifest, cfg, source: str, train: bool) -> dict:
+def verify_step(manifest, cfg, source: str, train: bool, views_per_decode: int = 1) -> dict:
     from meld_dali.verify import compare
 
     v = compare(manifest, "dev", source, cfg.data, cfg.loader, "dali-gpu", torch.device("cuda"),
                 label="gpu-check 720p", train=train,
-                dtype=torch.float16 if train else torch.float32)
+                dtype=torch.float16 if train else torch.float32,
+                views_per_decode=views_per_decode)
     return {**v.to_dict(), "ok": bool(v.ok), **({"line": v.line()} if not v.ok else {})}
 
 
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     step("verify_eval_video", lambda: verify_step(m, cfg, "video", False), proof=True)
     step("verify_train_video", lambda: verify_step(m, cfg, "video", True), proof=True)
     step("verify_eval_cache", lambda: verify_step(m, cfg, "cache", False), proof=True)
+    # two draws from one NVDEC decode (loader.views_per_decode=2: the graph's rearrange)
+    step("verify_train_cache_x2", lambda: verify_step(m, cfg, "cache", True, 2), proof=True)
 
     def save(rep: dict, what: str) -> None:
         name = f"gpu_check_{what}_{slug}.json"

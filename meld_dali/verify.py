@@ -26,6 +26,7 @@ from meld_dali.clips import Clip
 from meld_dali.config import EMOTIONS, Config, DataConfig, LoaderConfig
 from meld_dali.data.base import ClipFailure, LoaderSpec
 from meld_dali.data.decode import clip_source_path
+from meld_dali.data.plan import CENTRE, train_views
 from meld_dali.data.select import build_loader
 from meld_dali.data.torch_loader import ClipDataset
 from meld_dali.errors import BackendFault, UserError
@@ -88,27 +89,32 @@ def first_clips(manifest: Manifest, split: str, n: int = CLIPS) -> Manifest:
 def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loader: LoaderConfig,
             backend: str, device: torch.device | None = None, label: str = "",
             clips: int = CLIPS, make_loader=build_loader, train: bool = False,
-            dtype: torch.dtype = torch.float32) -> Verdict:
+            dtype: torch.dtype = torch.float32, views_per_decode: int = 1) -> Verdict:
     """Run `backend` on the first `clips` loadable clips of `split` (eval mode, or train mode
     with each clip's augmentation draws; output in `dtype`) and compare each clip with the
-    reference on the same plan. `make_loader(spec, data, loader, backend)` builds the
-    loader (build_loader; tests pass a deliberately wrong one)."""
+    reference on the same plan. Train with `views_per_decode` k > 1: each of a clip's k
+    samples from one decode (the epoch's 1/k of the clips) against its own draw's plan.
+    `make_loader(spec, data, loader, backend)` builds the loader (build_loader; tests pass a
+    deliberately wrong one)."""
     m = first_clips(manifest, split, clips)
-    v = Verdict(backend, source, label or str(manifest.base), mode="train" if train else "eval")
+    k = views_per_decode
+    v = Verdict(backend, source, label or str(manifest.base),
+                mode=("train" + (f" x{k}" if k > 1 else "")) if train else "eval")
     rows = m.ok(split)
     if not rows:
         v.error = f"no loadable {split} clips"
         return v
     t0 = time.perf_counter()
     # train: batches of 2 over an even count, so the train order drops no lone last clip
-    spec = LoaderSpec(m, split, train, min(2, len(rows)), seed=0,
-                      device=device or torch.device("cpu"), dtype=dtype, source=source)
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    spec = LoaderSpec(m, split, train, min(2, len(rows)) * k, seed=0,
+                      device=device or torch.device("cpu"), dtype=dtype, source=source,
+                      views_per_decode=k)
+    got: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (row, draw)
     try:
         it = make_loader(spec, data, loader, backend)
         for b in it:
-            for k, row in enumerate(b.index.tolist()):
-                got[row] = (b.video[k].float().cpu(), b.mask[k].cpu())
+            for j, row in enumerate(b.index.tolist()):  # a clip's k draws side by side
+                got[row, j % k] = (b.video[j].float().cpu(), b.mask[j].cpu())
         skipped = {f.index: f.error for f in it.failures}
         v.backend_batches = it.counts.backend_batches
         v.cpu_redone_batches = it.counts.cpu_redone_batches
@@ -128,19 +134,20 @@ def compare(manifest: Manifest, split: str, source: str, data: DataConfig, loade
         v.seconds = time.perf_counter() - t0
         return v
     ref = ClipDataset(m, data, train=train, seed=0, source=source)
-    if train:
-        rows = [r for r in rows if r in got or r in skipped]  # a lone last clip is dropped
+    # train: a lone last clip is dropped; with k draws per decode an epoch holds 1/k of them
+    keys = [(r, d) for r in rows for d in range(k)
+            if not train or (r, d) in got or r in skipped]
     worst = -1.0
-    for row in rows:
+    for row, draw in keys:
         path = str(clip_source_path(m, m.clips[row], source))
-        item = ref[(0, row)]
+        item = ref[(0, row, train_views(k)[draw] if train else CENTRE)]
         if isinstance(item, ClipFailure):
             v.error = f"the CPU reference cannot read {path}: {item.error}"
             break
-        if row not in got:
+        if (row, draw) not in got:
             v.error = f"{path} was skipped: {skipped.get(row, 'no batch held it')}"
             break
-        video, mask = got[row]
+        video, mask = got[row, draw]
         if not torch.equal(mask, item[1]):
             v.error = f"{path}: the mask of real frames differs from the CPU reference's"
             break

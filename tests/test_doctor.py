@@ -134,6 +134,32 @@ def test_train_mode_is_verified_on_each_clips_draws(synth_vp9, vp9_cfg):
     assert "(video, train)" in bad.line()
 
 
+def test_two_draws_per_decode_are_verified_each_against_its_own_plan(synth_vp9, vp9_cfg):
+    """views_per_decode=2: DALI's one decode and two augmentations (the graph's rearrange)
+    against the reference's two plans; the draws swapped in the backend fail it."""
+    m = Manifest.load(synth_vp9)
+    good = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu", train=True,
+                   views_per_decode=2)
+    assert good.ok and good.mode == "train x2" and good.clips == 4  # 2 clips x 2 draws
+    assert good.backend_batches == 1 and good.cpu_redone_batches == 0
+
+    def swapped(spec, data, loader_cfg, backend):  # each clip's draws in the other order
+        loader = build_loader(spec, data, loader_cfg, backend)
+        deliver = loader.deliver
+
+        def swap(batch):
+            b = deliver(batch)
+            order = torch.arange(len(b)).view(-1, 2).flip(1).reshape(-1)
+            return type(b)(b.video[order], b.mask[order], b.label[order], b.index[order])
+        loader.deliver = swap
+        return loader
+
+    bad = compare(m, "dev", "video", vp9_cfg.data, vp9_cfg.loader, "dali-cpu", train=True,
+                  views_per_decode=2, make_loader=swapped)
+    assert bad.ok is False and bad.mean_abs_diff > 3 * good.mean_abs_diff
+    assert "(video, train x2)" in bad.line()
+
+
 def test_nvdec_library_problem_names_the_docker_capability(monkeypatch):
     """No NVIDIA driver here, so libnvcuvid really cannot be loaded: the reason says why
     and, in a container without the `video` capability, how to get it."""
