@@ -78,3 +78,21 @@ def ensure_bench_data(kind: str, short_side: int, root: Path | None = None, prog
     say(f"bench data: {root} ({kind}, {mb:.0f} MB on disk)")
     return root, {"kind": kind, "root": str(root), "spec": spec, "short_side": short_side,
                   "cache_codec": cache_codec, "size_mb": mb}
+
+
+def bench_manifest(data: Path | None, short_side: int, quick: bool, console,
+                   progress) -> tuple[object, dict]:
+    """(manifest, dataset record) to benchmark on: `data` (--data), else a synthetic set made
+    once under runs/: MELD-shaped (1280x720 H.264, MELD's clip lengths) or, with `quick`, a
+    small fast VP9 one; both with JPEG frame folders and a clip cache. `progress()` makes
+    the progress display."""
+    from meld_dali.launch import open_manifest
+
+    if data is not None:
+        if quick:
+            raise UserError("--quick picks the built-in small data set; drop --data or --quick")
+        return open_manifest(data, console), {"kind": "user", "root": str(data)}
+    kind = "quick" if quick else "meld-shaped"
+    with progress() as p:
+        root, record = ensure_bench_data(kind, short_side, progress=p, say=console.print)
+    return open_manifest(root, console), record

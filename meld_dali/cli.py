@@ -240,25 +240,6 @@ def doctor(data: Path = typer.Option(None, help="a prepared MELD root: verify it
         raise typer.Exit(1)
 
 
-def bench_data(data: Path | None, config, quick: bool = False) -> tuple[object, dict]:
-    """(manifest, dataset record) to benchmark on: --data, else a synthetic set made once
-    under runs/: MELD-shaped (1280x720 H.264, MELD's clip lengths) or, with --quick, a small
-    fast VP9 one; both with JPEG frame folders and a clip cache."""
-    from meld_dali.bench.data import ensure_bench_data
-    from meld_dali.launch import open_manifest
-
-    if data is not None:
-        if quick:
-            raise UserError("--quick picks the built-in small data set; drop --data or --quick")
-        manifest = open_manifest(data, console)
-        return manifest, {"kind": "user", "root": str(data)}
-    kind = "quick" if quick else "meld-shaped"
-    with progress() as p:
-        root, record = ensure_bench_data(kind, config.data.short_side, progress=p,
-                                         say=console.print)
-    return open_manifest(root, console), record
-
-
 def save_report(report: dict, kind: str, precision: str, json_out: Path | None,
                 save: bool) -> None:
     from meld_dali.bench.common import result_path, write_json
@@ -300,6 +281,7 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
                  views_per_decode: str = typer.Option("1", help="comma list: training "
                                                       "samples per decoded clip, e.g. 1,2")):
     """Loader throughput per backend on the same manifest, beside the peers."""
+    from meld_dali.bench.data import bench_manifest
     from meld_dali.bench.loader import bench_loader as run
     from meld_dali.bench.loader import plot as draw
     from meld_dali.bench.loader import render_table
@@ -307,7 +289,7 @@ def bench_loader(data: Path = typer.Option(None, help="prepared root (default: s
 
     peer_list = _peers(peers)
     cfg = load_config(config or "seed", [*set_, f"loader.workers={workers}"])
-    manifest, dataset = bench_data(data, cfg, quick)
+    manifest, dataset = bench_manifest(data, cfg.data.short_side, quick, console, progress)
     with progress() as p:
         report = run(manifest, cfg.data, cfg.loader, _split(backends), _split(sources),
                      batches=batches, repeats=repeats, batch_size=batch_size, progress=p,
@@ -362,7 +344,9 @@ def bench_train(data: Path = typer.Option(None, help="prepared root (default: sy
         raise typer.BadParameter(str(e), param_hint="--stages") from None
     peer_list = _peers(peers)
     cfg = load_config(config or "seed", [*set_, "model.pretrained="])
-    manifest, dataset = (bench_data(data, cfg, quick)
+    from meld_dali.bench.data import bench_manifest
+
+    manifest, dataset = (bench_manifest(data, cfg.data.short_side, quick, console, progress)
                          if set(_split(backends)) - {"synthetic"} or peer_list
                          else (None, None))
     with progress() as p:
