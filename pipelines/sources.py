@@ -20,7 +20,7 @@ from meld_dali.clips import Clip
 from meld_dali.config import DataConfig
 from meld_dali.data.base import ClipFailure
 from meld_dali.data.decode import clip_source_path
-from meld_dali.data.plan import ClipPlan
+from meld_dali.data.plan import ClipPlan, frame_union
 from meld_dali.manifest import Manifest
 
 FILLER = -1  # the batch position of a filler clip: decoded, then dropped
@@ -46,9 +46,10 @@ class Pass:
     def batch(self, i: int) -> list[ClipPlan]:
         return self.plans[i * self.batch_size:(i + 1) * self.batch_size]
 
-    def units(self, i: int) -> list[list[ClipPlan]]:
-        """Batch i as units (a batch holds whole units: the batch size is a multiple)."""
-        plans, g = self.batch(i), self.group
+    def units(self, i: int | None = None) -> list[list[ClipPlan]]:
+        """Batch i (or the whole pass) as units (a batch holds whole units: the batch size
+        is a multiple)."""
+        plans, g = self.plans if i is None else self.batch(i), self.group
         return [plans[u:u + g] for u in range(0, len(plans), g)]
 
     def record(self, i: int, share: int, sent: list[int],
@@ -155,11 +156,11 @@ class ShareSource:
         if len(unit) > 1:
             T = len(plan.indices)  # padded slots: frames past the end, decoded as 0
             idx = [np.where(p.mask, p.indices, clip.num_frames + np.arange(T)) for p in unit]
-            union = np.unique(np.concatenate(idx))
+            union, orders = frame_union(idx)
             item = [encoded[0], union.astype(np.int32), label, index]
-            for p, i in zip(unit, idx, strict=True):
-                item += [np.searchsorted(union, i).astype(np.int32),
-                         dali_params(p.params, self.data), p.mask.astype(np.uint8)]
+            for p, order in zip(unit, orders, strict=True):
+                item += [order.astype(np.int32), dali_params(p.params, self.data),
+                         p.mask.astype(np.uint8)]
             self._append(out, [item])
             return
         params = dali_params(plan.params, self.data)
@@ -186,9 +187,7 @@ class ShareSource:
     def filler(self, units: list[list[ClipPlan]]
                ) -> tuple[list[ClipPlan], list[np.ndarray]]:
         """A readable unit (and its bytes) to stand in for a share with nothing readable."""
-        g = self.run.group
-        every = [self.run.plans[u:u + g] for u in range(0, len(self.run.plans), g)]
-        for unit in [*units, *every]:
+        for unit in [*units, *self.run.units()]:
             try:
                 return unit, self.reader.take(unit[0])
             except OSError:

@@ -41,6 +41,13 @@ def train_views(per_decode: int) -> tuple[View, ...]:
     return tuple(View(draw=v) for v in range(per_decode))
 
 
+def frame_union(indices: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Several plans' frame indices of one clip -> the sorted union (what one decode reads)
+    and, for each plan, the positions of its frames in that union."""
+    union = np.unique(np.concatenate(indices))
+    return union, [np.searchsorted(union, i) for i in indices]
+
+
 def multi_views(temporal: int, spatial: int) -> tuple[View, ...]:
     """PySlowFast-style multi-view testing: `temporal` positions (t + 0.5) / temporal, each
     with `spatial` crops along the longer side (3 = start, centre, end); temporal-major."""

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from meld_dali.config import DataConfig, LoaderConfig
 from meld_dali.data.base import Batch, ClipFailure, LoaderSpec, ManifestLoader, RawBatch
 from meld_dali.data.decode import clip_source_path, read_clip, to_clip, to_clip_uint8
-from meld_dali.data.plan import CENTRE, ClipPlan, View, make_plan
+from meld_dali.data.plan import CENTRE, ClipPlan, View, frame_union, make_plan
 from meld_dali.manifest import Manifest
 from meld_dali.signals import kill_workers_at_exit, worker_init
 from meld_dali.transforms import resize_short
@@ -86,7 +86,7 @@ class ClipDataset(Dataset):
         if len(plans) == 1:
             item = self.load_raw(plans[0])
             return item if isinstance(item, ClipFailure) else [item]
-        union = np.unique(np.concatenate([p.indices[p.mask] for p in plans]))
+        union, picks = frame_union([p.indices[p.mask] for p in plans])
         frames = self._read(plans[0], union)
         if isinstance(frames, ClipFailure):
             return frames
@@ -101,8 +101,7 @@ class ClipDataset(Dataset):
             pick = lambda sel: torch.from_numpy(frames[sel])  # noqa: E731
         else:
             pick = frames.__getitem__  # NumPy's row copy: ~20x torch's indexing here
-        return [self.load_raw(p, pick(np.searchsorted(union, p.indices[p.mask])))
-                for p in plans]
+        return [self.load_raw(p, pick(sel)) for p, sel in zip(plans, picks, strict=True)]
 
 
 def collate(items) -> tuple[Batch | RawBatch | None, list[ClipFailure]]:
@@ -152,14 +151,15 @@ class _PassBatches(Sampler):
         """Cut `plans` (row, view) into batches; returns each batch's number of plans."""
         self.batches, sizes = [], []
         for i in range(0, len(plans), batch_size):
+            chunk = plans[i:i + batch_size]
             items: list[tuple[int, int, tuple[View, ...]]] = []
-            for row, view in plans[i:i + batch_size]:
+            for row, view in chunk:
                 if items and items[-1][1] == row:  # a clip's plans are consecutive
                     items[-1] = (epoch, row, (*items[-1][2], view))
                 else:
                     items.append((epoch, row, (view,)))
             self.batches.append(items)
-            sizes.append(len(plans[i:i + batch_size]))
+            sizes.append(len(chunk))
         return sizes
 
     def __iter__(self):
